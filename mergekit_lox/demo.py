@@ -1,0 +1,94 @@
+"""`mergekit-lox demo`: the embedded default, offline, on small local models.
+
+Builds a Llama-shaped base model and an aligned model whose difference carries
+a planted low-rank safety component, runs a LoX recipe through the same path
+as `mergekit-yaml`, and reports how strongly the planted safety component is
+present before and after, per module type.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from typing import Callable, Dict, List, Tuple
+
+import yaml
+
+from mergekit_lox.synthetic import Family, FamilySpec, build_family, load_state_dict
+
+
+def module_type(tensor_name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `q_proj`."""
+    parts = [p for p in tensor_name.split(".") if p not in ("weight", "bias")]
+    return re.sub(r"\d+", "#", parts[-1])
+
+
+def safety_retention(family: Family, model_dir: str) -> Dict[str, float]:
+    """Per module type: planted safety norm in ``model_dir`` over that in aligned.
+
+    1.0 means the model carries the planted component exactly as the aligned
+    model does; 2.25 is what LoX with alpha 1.25 gives on a rank it covers.
+    """
+    base = load_state_dict(family.base)
+    model = load_state_dict(model_dir)
+    kept, planted = defaultdict(float), defaultdict(float)
+    for name, component in family.planted.items():
+        key = module_type(name)
+        kept[key] += component.measure(model[name].double() - base[name].double())
+        planted[key] += float(component.S.norm())
+    return {key: kept[key] / planted[key] for key in sorted(kept)}
+
+
+def write_recipe(path: str, recipe: dict) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    return path
+
+
+def lox_recipe(family: Family, alpha: float = 1.25, rank: int = 6) -> dict:
+    return {
+        "merge_method": "lox_extrapolate",
+        "base_model": family.base,
+        "models": [{"model": family.aligned, "parameters": {"role": "aligned"}}],
+        "parameters": {"alpha": alpha, "rank": rank},
+        "dtype": "float32",
+    }
+
+
+Step = Tuple[str, str, Callable[[Family, str], dict]]
+
+
+def demo_steps() -> List[Step]:
+    """(label, output folder, recipe builder): the demo chain, in order."""
+    return [("LoX (alpha 1.25, rank 6)", "lox", lambda family, root: lox_recipe(family))]
+
+
+def print_table(columns: Dict[str, Dict[str, float]], echo: Callable[[str], None]) -> None:
+    labels = list(columns)
+    keys = list(next(iter(columns.values())))
+    width = max(len(k) for k in keys) + 2
+    echo("module".ljust(width) + "".join(label.rjust(max(12, len(label) + 2)) for label in labels))
+    for key in keys:
+        echo(
+            key.ljust(width)
+            + "".join(f"{columns[label][key]:.3f}".rjust(max(12, len(label) + 2)) for label in labels)
+        )
+
+
+def run_demo(root: str, run_recipe: Callable[[str, str], None], echo=print) -> Dict[str, Dict[str, float]]:
+    """Build the models under ``root``, run each step, print and return retention."""
+    os.makedirs(root, exist_ok=True)
+    echo(f"building small Llama-shaped models with a planted safety subspace in {root}")
+    family = build_family(os.path.join(root, "models"), FamilySpec(), finetune=True)
+    columns = {"aligned": safety_retention(family, family.aligned)}
+    for label, folder, recipe_for in demo_steps():
+        recipe = write_recipe(os.path.join(root, f"{folder}.yml"), recipe_for(family, root))
+        out = os.path.join(root, folder)
+        echo(f"running {label}: mergekit-lox run {recipe} {out}")
+        run_recipe(recipe, out)
+        columns[folder] = safety_retention(family, out)
+    echo("")
+    echo("planted safety component kept, relative to the aligned model (1.000 = as aligned):")
+    print_table(columns, echo)
+    return columns

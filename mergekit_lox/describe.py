@@ -1,0 +1,66 @@
+"""What the project's methods are, for `mergekit-lox methods` and `check`.
+
+Everything is read from the registered MergeMethodSpec objects, so the
+listing can never drift from what mergekit actually validates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from typing_extensions import Annotated, Literal, Union, get_args, get_origin
+
+
+def type_name(annotation: Any) -> str:
+    """A short human-readable name for a parameter's pydantic type."""
+    if get_origin(annotation) is Annotated:
+        inner, *metadata = get_args(annotation)
+        constraints = []
+        for item in metadata:
+            for attr, text in (("ge", ">= {}"), ("gt", "> {}"), ("le", "<= {}"), ("lt", "< {}")):
+                if getattr(item, attr, None) is not None:
+                    constraints.append(text.format(getattr(item, attr)))
+            if getattr(item, "allow_inf_nan", None) is False:
+                constraints.append("finite")
+        name = type_name(inner)
+        return f"{name} ({', '.join(constraints)})" if constraints else name
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(v) for v in get_args(annotation))
+    if origin is Union:
+        return " | ".join(type_name(a) for a in get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_methods() -> List[Dict[str, Any]]:
+    from mergekit.merge_methods.base import MISSING
+
+    from mergekit_lox.registration import method_objects
+    from mergekit_lox.roles import ROLE_REQUIREMENTS
+
+    described = []
+    for method in method_objects():
+        spec = method.spec
+        required_roles, lone_may_omit = ROLE_REQUIREMENTS[spec.name]
+        described.append(
+            {
+                "name": spec.name,
+                "pretty_name": spec.pretty_name,
+                "paper": spec.reference_url,
+                "base_model": spec.contract.base.value,
+                "roles": list(required_roles),
+                "roles_optional": lone_may_omit,
+                "parameters": [
+                    {
+                        "name": p.name,
+                        "type": type_name(p.value_type),
+                        "default": None if p.default is MISSING else p.default,
+                        "scope": "per model" if p.scope.value != "shared" else "shared",
+                    }
+                    for p in spec.parameters
+                ],
+            }
+        )
+    return described

@@ -1,0 +1,88 @@
+"""Independent float64 evaluations of METHODS.md, in NumPy (not torch, not our code).
+
+Every output tensor of a real merge is compared against these, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CEIL_TOLERANCE = 1e-6  # METHODS.md's ceil, not bumped by rounding of an integer exp(H)
+
+
+def f64(tensor) -> np.ndarray:
+    return tensor.detach().double().cpu().numpy()
+
+
+def rel_err(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    denom = np.linalg.norm(expected)
+    return float(np.linalg.norm(actual - expected) / (denom if denom > 0 else 1.0))
+
+
+def lowrank(M: np.ndarray, k: int) -> np.ndarray:
+    """lowrank_k over the last two axes; k = 0 or k >= min(m, n) is M."""
+    if k == 0 or k >= min(M.shape[-2:]):
+        return M
+    U, S, Vh = np.linalg.svd(M, full_matrices=False)
+    return (U[..., :, :k] * S[..., None, :k]) @ Vh[..., :k, :]
+
+
+def lox(W_a, W_b, alpha, rank):
+    if W_a.ndim < 2:
+        return W_a
+    return W_a + alpha * lowrank(W_a - W_b, rank)
+
+
+def entropy_rank_of(M: np.ndarray, rank_scale: float) -> int:
+    S = np.linalg.svd(M, compute_uv=False)
+    S = S[S > S[0] * max(M.shape) * np.finfo(np.float32).eps] if S[0] > 0 else S[:0]
+    if S.size == 0:
+        return 1
+    p = S / S.sum()
+    H = -np.sum(p * np.log(p))
+    k = math.ceil(rank_scale * math.exp(H) * (1 - CEIL_TOLERANCE))
+    return int(min(max(k, 1), min(M.shape)))
+
+
+def lssf(W_f, W_a, W_b, scale=1.0, rank=0, rank_scale=1.0):
+    if W_f.ndim < 2:
+        return W_f
+    tau = W_a - W_b
+    if W_f.ndim > 2:
+        stack = tau.reshape(-1, *tau.shape[-2:])
+        out = W_f.reshape(stack.shape).copy()
+        for i, matrix in enumerate(stack):
+            k = rank if rank > 0 else entropy_rank_of(matrix, rank_scale)
+            out[i] += scale * lowrank(matrix, k)
+        return out.reshape(W_f.shape)
+    k = rank if rank > 0 else entropy_rank_of(tau, rank_scale)
+    return W_f + scale * lowrank(tau, k)
+
+
+def safelora_projection(V: np.ndarray, dW: np.ndarray, projection: str, rank: int) -> np.ndarray:
+    if projection == "scaled":
+        C = V @ V.swapaxes(-1, -2) / np.linalg.norm(V, axis=(-2, -1), keepdims=True)
+    else:
+        U = np.linalg.svd(V, full_matrices=False)[0][..., :, :rank]
+        C = U @ U.swapaxes(-1, -2)
+    return C @ dW
+
+
+def safelora_cosine(W_f, W_a, W_b, projection="scaled", rank=8) -> float:
+    V, dW = W_a - W_b, W_f - W_a
+    CdW = safelora_projection(V, dW, projection, rank)
+    return float(np.sum(CdW * dW) / (np.linalg.norm(CdW) * np.linalg.norm(dW)))
+
+
+def safelora(W_f, W_a, W_b, threshold=0.5, projection="scaled", rank=8):
+    if W_f.ndim < 2:
+        return W_f
+    V, dW = W_a - W_b, W_f - W_a
+    if not V.any() or not dW.any():
+        return W_f
+    if safelora_cosine(W_f, W_a, W_b, projection, rank) <= threshold:
+        return W_a + safelora_projection(V, dW, projection, rank)
+    return W_f
