@@ -1,9 +1,11 @@
 """`mergekit-lox demo`: the embedded default, offline, on small local models.
 
-Builds a Llama-shaped base model and an aligned model whose difference carries
-a planted low-rank safety component, runs a LoX recipe through the same path
-as `mergekit-yaml`, and reports how strongly the planted safety component is
-present before and after, per module type.
+Builds a Llama-shaped base model, an aligned model whose difference carries a
+planted low-rank safety component, and a synthetic fine-tune of the aligned
+model that erodes part of that component. Then runs each method's recipe
+through the same path as `mergekit-yaml` (LoX before fine-tuning, LSSF
+realignment after it) and reports, per module type, how much of the planted
+safety component each model keeps.
 """
 
 from __future__ import annotations
@@ -56,12 +58,33 @@ def lox_recipe(family: Family, alpha: float = 1.25, rank: int = 6) -> dict:
     }
 
 
+def realign_recipe(method: str, family: Family, parameters: dict) -> dict:
+    """A post-hoc realignment recipe: base, aligned and finetuned with their roles."""
+    return {
+        "merge_method": method,
+        "base_model": family.base,
+        "models": [
+            {"model": family.aligned, "parameters": {"role": "aligned"}},
+            {"model": family.finetuned, "parameters": {"role": "finetuned"}},
+        ],
+        "parameters": parameters,
+        "dtype": "float32",
+    }
+
+
 Step = Tuple[str, str, Callable[[Family, str], dict]]
 
 
 def demo_steps() -> List[Step]:
     """(label, output folder, recipe builder): the demo chain, in order."""
-    return [("LoX (alpha 1.25, rank 6)", "lox", lambda family, root: lox_recipe(family))]
+    return [
+        ("LoX before fine-tuning (alpha 1.25, rank 6)", "lox", lambda family, root: lox_recipe(family)),
+        (
+            "LSSF realignment of the fine-tune (automatic entropy rank)",
+            "lssf",
+            lambda family, root: realign_recipe("lssf_fusion", family, {"scale": 1.0}),
+        ),
+    ]
 
 
 def print_table(columns: Dict[str, Dict[str, float]], echo: Callable[[str], None]) -> None:
@@ -81,7 +104,10 @@ def run_demo(root: str, run_recipe: Callable[[str, str], None], echo=print) -> D
     os.makedirs(root, exist_ok=True)
     echo(f"building small Llama-shaped models with a planted safety subspace in {root}")
     family = build_family(os.path.join(root, "models"), FamilySpec(), finetune=True)
-    columns = {"aligned": safety_retention(family, family.aligned)}
+    columns = {
+        "aligned": safety_retention(family, family.aligned),
+        "finetuned": safety_retention(family, family.finetuned),
+    }
     for label, folder, recipe_for in demo_steps():
         recipe = write_recipe(os.path.join(root, f"{folder}.yml"), recipe_for(family, root))
         out = os.path.join(root, folder)
