@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import sys
 import traceback
@@ -45,13 +46,38 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
             typer.echo(f"  {p['name']:<11} {p['type']:<34} default {p['default']!r}  [{p['scope']}]")
 
 
-def run_recipe(recipe: str, out: str, mergekit_args: Optional[List[str]] = None) -> None:
-    """Run a one-document recipe exactly as `mergekit-yaml RECIPE OUT ARGS...` does."""
+def run_recipe(
+    recipe: str,
+    out: str,
+    mergekit_args: Optional[List[str]] = None,
+    intermediate_dir: Optional[str] = None,
+) -> None:
+    """Run a one-document recipe exactly as `mergekit-yaml RECIPE OUT ARGS...` does;
+    a multi-document recipe is a chain, run as `mergekit-multi` runs it (chain.py)."""
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
+    from mergekit_lox.chain import is_chain, run_chain
+
+    if is_chain(recipe):
+        run_chain(recipe, out, intermediate_dir, mergekit_args or [])
+        return
     mergekit_yaml.main(
         args=[recipe, out, *(mergekit_args or [])], prog_name="mergekit-yaml", standalone_mode=False
     )
+
+
+def default_mergekit_args(out: str, mergekit_args: List[str]) -> List[str]:
+    """mergekit options that `run` adds unless the user gave them.
+
+    --lora-merge-cache: mergekit needs one to merge `model: aligned+adapter_dir`
+    references and has no default. Ours is `OUT.lora-cache/` beside OUT, so
+    merged copies go where the output goes, not into an input model's or an
+    adapter's directory; mergekit creates it only when a LoRA is merged.
+    """
+    from mergekit_lox.safelora_tools import default_lora_merge_cache
+
+    given = any(a == "--lora-merge-cache" or a.startswith("--lora-merge-cache=") for a in mergekit_args)
+    return [] if given else ["--lora-merge-cache", default_lora_merge_cache(out)]
 
 
 @app.command(context_settings=_PASSTHROUGH)
@@ -59,11 +85,40 @@ def run(
     ctx: typer.Context,
     recipe: str = typer.Argument(..., help="YAML recipe."),
     out: str = typer.Argument(..., help="Output model directory."),
+    intermediate_dir: Optional[str] = typer.Option(
+        None,
+        "--intermediate-dir",
+        "-I",
+        help="Chains only: where named documents are written (default: OUT.intermediate beside OUT).",
+    ),
 ):
-    """Run a recipe like `mergekit-yaml`; any other option goes to mergekit
-    (--cuda, --device, --lazy-unpickle, --out-shard-size, --no-copy-tokenizer, ...;
+    """Run a recipe like `mergekit-yaml`, or a multi-document recipe (a chain) like
+    `mergekit-multi`; any other option goes to mergekit (--cuda, --device,
+    --lazy-unpickle, --out-shard-size, --no-copy-tokenizer, --no-lazy for chains, ...;
     see `mergekit-yaml --help`)."""
-    run_recipe(recipe, out, list(ctx.args))
+    run_recipe(
+        recipe, out, [*ctx.args, *default_mergekit_args(out, list(ctx.args))], intermediate_dir
+    )
+
+
+@app.command()
+def check(
+    recipe: str = typer.Argument(..., help="YAML recipe (one document, or a multi-document chain)."),
+):
+    """Validate a recipe without computing anything: YAML, mergekit's schema, methods,
+    parameter names and types, roles, base model, local paths, chain references and cycles.
+    Exit 0 when valid; otherwise one `error:` line per problem, naming document and field."""
+    from mergekit_lox.check import check_recipe, summary
+
+    report = check_recipe(recipe)
+    errors, notes = report.lines()
+    for line in notes:
+        typer.echo(line)
+    for line in errors:
+        typer.echo(line, err=True)
+    if errors:
+        raise typer.Exit(1)
+    typer.echo(summary(report))
 
 
 @app.command()
@@ -76,6 +131,63 @@ def demo(
     run_demo(directory, lambda recipe, out: run_recipe(recipe, out, ["--quiet"]), echo=typer.echo)
 
 
+@app.command("safelora-select")
+def safelora_select(
+    recipe: str = typer.Argument(..., help="A one-document safelora_project recipe."),
+    num_layers: int = typer.Option(..., "--num-layers", min=1, help="Project the N tensors with the lowest cosine."),
+    out: str = typer.Option(..., "-o", "--out", help="Where to write the recipe with the equivalent threshold."),
+    lora_merge_cache: Optional[str] = typer.Option(
+        None, "--lora-merge-cache", help="Where `aligned+adapter` models are merged (default: OUT.lora-cache beside OUT)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="Device for the cosines (cpu, cuda, ...)."),
+):
+    """Safe LoRA's number mode: write the recipe with threshold = the N-th lowest cosine.
+
+    Streams the recipe's models tensor by tensor through mergekit's planner and
+    loaders, computes every tensor's cosine, prints the tensors it selects."""
+    from mergekit_lox.safelora_tools import safelora_select as select
+
+    select(recipe, num_layers, out, lora_merge_cache=lora_merge_cache, device=device, echo=typer.echo)
+
+
+class SafeLoRAProjection(str, enum.Enum):
+    scaled = "scaled"
+    orthogonal = "orthogonal"
+
+
+@app.command("safelora-adapter")
+def safelora_adapter(
+    base: str = typer.Option(..., "--base", help="Pre-alignment model directory (W_b)."),
+    aligned: str = typer.Option(..., "--aligned", help="Aligned model the adapter was trained on (W_a)."),
+    adapter: str = typer.Option(..., "--adapter", help="PEFT LoRA adapter directory (safetensors)."),
+    out: str = typer.Option(..., "-o", "--out", help="Output PEFT adapter directory."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Project modules with cosine <= T (default 0.5 unless --num-layers is given)."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", min=1, help="Project the N modules with the lowest cosine."),
+    projection: SafeLoRAProjection = typer.Option(
+        SafeLoRAProjection.scaled, "--projection", help="C = V Vᵀ/||V||_F (scaled) or U_k U_kᵀ (orthogonal)."
+    ),
+    rank: int = typer.Option(8, "--rank", min=1, help="k for --projection orthogonal."),
+    device: str = typer.Option("cpu", "--device", help="Device for the projections (cpu, cuda, ...)."),
+):
+    """Project a PEFT LoRA adapter with Safe LoRA and write a PEFT adapter (B' = C B)."""
+    from mergekit_lox.safelora_tools import safelora_adapter as project_adapter
+
+    if threshold is not None and num_layers is not None:
+        raise click.UsageError("give --threshold or --num-layers, not both")
+    project_adapter(
+        base,
+        aligned,
+        adapter,
+        out,
+        threshold=threshold,
+        num_layers=num_layers,
+        projection=projection.value,
+        rank=rank,
+        device=device,
+        echo=typer.echo,
+    )
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text
@@ -85,21 +197,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: usage errors exit 2, every other failure one `error:` line and 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
+    # typer vendors its own copy of click, while mergekit's commands (which `run`
+    # delegates to) raise the real click's exceptions: handle both families.
     try:
-        app(args=argv, prog_name="mergekit-lox", standalone_mode=False)
-    except click.exceptions.Exit as exit_:
+        result = app(args=argv, prog_name="mergekit-lox", standalone_mode=False)
+    except (click.exceptions.Exit, typer.Exit) as exit_:
         sys.exit(exit_.exit_code)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         sys.exit(1)
     except Exception as error:  # noqa: BLE001 - the CLI's last line of defence
+        if hasattr(error, "show") and hasattr(error, "exit_code"):  # a click usage error
+            error.show()
+            sys.exit(error.exit_code)
         if verbose:
             traceback.print_exc()
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(1)
+    if isinstance(result, int) and result:
+        sys.exit(result)
 
 
 if __name__ == "__main__":

@@ -37,14 +37,48 @@ NAME = "safelora_project"
 Projection = Literal["scaled", "orthogonal"]
 
 
+def orthogonal_basis(alignment: torch.Tensor, rank: int) -> torch.Tensor:
+    """``U_k``: the top-``rank`` left singular vectors of V, per matrix of a stack.
+
+    Directions whose singular value is zero at working precision are dropped
+    (their column is zeroed): when V has rank below ``k`` those columns of U are
+    an arbitrary basis of V's null space, which differs between devices and
+    libraries and would project dW onto directions V does not contain.
+    """
+    k = min(rank, linalg.full_rank_of(alignment))
+    factors = linalg.svd(alignment)
+    keep = linalg.nonzero_mask(factors.S, alignment.shape)[..., :k]
+    return factors.U[..., :k] * keep.unsqueeze(-2).to(factors.U.dtype)
+
+
 def project_update(
     alignment: torch.Tensor, update: torch.Tensor, projection: str, rank: int
 ) -> torch.Tensor:
-    """``C dW`` without ever forming an out x out matrix when in < out."""
+    """``C dW`` without ever forming an out x out matrix when in < out.
+
+    ``update`` may have any number of columns: the adapter path projects the
+    LoRA factor B (out x r) with the same C, since C (s B A) = s (C B) A.
+    """
     if projection == "scaled":
         return linalg.left_project(alignment, update, scale=linalg.frobenius(alignment))
-    k = min(rank, linalg.full_rank_of(alignment))
-    return linalg.left_project(linalg.top_k(alignment, k).U, update)
+    return linalg.left_project(orthogonal_basis(alignment, rank), update)
+
+
+def update_cosine(alignment: torch.Tensor, update: torch.Tensor, projection: str, rank: int):
+    """``(cos, C dW)`` for V = ``alignment`` and dW = ``update`` (compute dtype).
+
+    cos is NaN when V == 0 or dW == 0 (nothing to decide: the fine-tuned tensor
+    passes). When dW != 0 but C dW == 0 (dW lies wholly outside V's column
+    space) cos is 0, its limit: the reference's
+    ``torch.nn.functional.cosine_similarity`` also gives 0 there, so the
+    tensor is projected (to W_a) whenever the threshold is >= 0.
+    """
+    projected = project_update(alignment, update, projection, rank)
+    norms = torch.linalg.vector_norm(projected) * torch.linalg.vector_norm(update)
+    dot = torch.dot(projected.reshape(-1), update.reshape(-1))
+    cos = torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0)
+    decidable = (torch.count_nonzero(alignment) > 0) & (torch.count_nonzero(update) > 0)
+    return torch.where(decidable, cos, torch.nan), projected
 
 
 def projection_cosine(
@@ -54,15 +88,16 @@ def projection_cosine(
     projection: str = "scaled",
     rank: int = 8,
 ):
-    """``(cos, C dW, dW)`` in compute precision; cos is NaN when V or dW is zero."""
+    """``(cos, C dW, W_a)`` in compute precision; cos is NaN when V or dW is zero.
+
+    The one place the Safe LoRA decision is computed: the kernel, the
+    ``safelora-select`` command and ``mergekit-lox analyze`` all call it.
+    """
     dtype = linalg.compute_dtype(finetuned)
     W_a = aligned.to(dtype)
     alignment = W_a - base.to(dtype)
     update = finetuned.to(dtype) - W_a
-    projected = project_update(alignment, update, projection, rank)
-    cos = linalg.cosine(projected, update)
-    # A zero V has an arbitrary orthogonal basis: never let it decide.
-    cos = torch.where(torch.count_nonzero(alignment) > 0, cos, torch.nan)
+    cos, projected = update_cosine(alignment, update, projection, rank)
     return cos, projected, W_a
 
 

@@ -66,15 +66,22 @@ def safelora_projection(V: np.ndarray, dW: np.ndarray, projection: str, rank: in
     if projection == "scaled":
         C = V @ V.swapaxes(-1, -2) / np.linalg.norm(V, axis=(-2, -1), keepdims=True)
     else:
-        U = np.linalg.svd(V, full_matrices=False)[0][..., :, :rank]
+        U, S, _ = np.linalg.svd(V, full_matrices=False)
+        # Only directions V actually has (non-zero singular values, as matrix_rank).
+        nonzero = S > S[..., :1] * max(V.shape[-2:]) * np.finfo(np.float32).eps
+        U = (U * nonzero[..., None, :])[..., :, :rank]
         C = U @ U.swapaxes(-1, -2)
     return C @ dW
 
 
 def safelora_cosine(W_f, W_a, W_b, projection="scaled", rank=8) -> float:
+    """NaN when V or dW is zero; 0 when C dW is zero (the limit, as the reference)."""
     V, dW = W_a - W_b, W_f - W_a
+    if not V.any() or not dW.any():
+        return float("nan")
     CdW = safelora_projection(V, dW, projection, rank)
-    return float(np.sum(CdW * dW) / (np.linalg.norm(CdW) * np.linalg.norm(dW)))
+    norms = np.linalg.norm(CdW) * np.linalg.norm(dW)
+    return float(np.sum(CdW * dW) / norms) if norms > 0 else 0.0
 
 
 def safelora(W_f, W_a, W_b, threshold=0.5, projection="scaled", rank=8):
