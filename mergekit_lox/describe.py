@@ -64,3 +64,19 @@ def describe_methods() -> List[Dict[str, Any]]:
             }
         )
     return described
+
+
+def closest(name: str, candidates) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    import difflib
+
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def unknown_parameter_message(method: str, name: str, known) -> str:
+    known = list(known)
+    return (
+        f"{method} has no parameter {name!r}{closest(name, known)}; "
+        f"its parameters are {', '.join(known)}"
+    )

@@ -42,18 +42,21 @@ def method_objects():
 
 
 def install_plan_checks(plan_module) -> None:
-    """Make mergekit's planner check our `role` parameters while it plans.
+    """Make mergekit's planner check our methods' parameters while it plans.
 
     mergekit resolves per-model parameters per tensor in
     ``mergekit.plan.resolve_parameters`` during planning, before anything
-    executes, but only passes input IDs to a method's ``validate_inputs``. We
-    wrap that one function so a missing, duplicated or misspelt role fails the
-    plan with our message instead of failing the first kernel call.
+    executes, but only passes input IDs to a method's ``validate_inputs`` and
+    silently ignores parameter names a method does not have. We wrap that one
+    function so that, for our methods, a misspelt parameter name or a missing,
+    duplicated or misspelt role fails the plan with a clear message instead of
+    being ignored or failing the first kernel call.
     """
     original = plan_module.resolve_parameters
     if getattr(original, "_mergekit_lox_checks_roles", False):
         return
 
+    from mergekit_lox.describe import unknown_parameter_message
     from mergekit_lox.roles import ROLE_REQUIREMENTS, resolve_roles
 
     @functools.wraps(original)
@@ -67,6 +70,12 @@ def install_plan_checks(plan_module) -> None:
             t=t,
         )
         if spec.name in ROLE_REQUIREMENTS:
+            known = [p.name for p in spec.parameters]
+            for model in (None, *inputs):
+                for settings in sources(model):
+                    for name in settings or ():
+                        if name not in known:
+                            raise ValueError(unknown_parameter_message(spec.name, name, known))
             resolve_roles(
                 spec.name,
                 {

@@ -139,3 +139,20 @@ def test_output_is_written_in_requested_dtype(family, run_recipe, tmp_path):
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
     assert np.isfinite(ref.f64(load_state_dict(str(tmp_path / "out"))["lm_head.weight"])).all()
+
+
+def test_misspelt_parameter_is_an_error_not_ignored(family, run_recipe, tmp_path, monkeypatch):
+    """mergekit ignores unknown parameter names; for our methods that would silently
+    run with the default, so the planner refuses them before loading anything."""
+    from mergekit.io.tasks import GatherTensors
+
+    loaded = []
+    monkeypatch.setattr(GatherTensors, "execute", lambda *a, **k: loaded.append(1))
+    recipe = lox_recipe(family, alpah=2.0)
+    with pytest.raises(ValueError, match="no parameter 'alpah' \\(did you mean 'alpha'\\?\\)"):
+        run_recipe(recipe, tmp_path / "global")
+    recipe = lox_recipe(family)
+    recipe["models"][0]["parameters"] = {"weight": 1.0}
+    with pytest.raises(ValueError, match="no parameter 'weight'"):
+        run_recipe(recipe, tmp_path / "per-model")
+    assert loaded == []
