@@ -17,10 +17,11 @@ module adds what mergekit-multi leaves to chance:
 - the whole recipe is checked first (``check.check_recipe``), so an unknown
   reference, a cycle, an unknown parameter or a missing role fails before
   any stage runs, not after hours of earlier stages;
-- each stage records the document it was computed from
-  (``mergekit_lox_stage.yml``); a completed stage whose document has changed
-  since is an error instead of being silently reused;
-- outputs are never placed inside an input model's directory.
+- each stage records what it was computed from (``mergekit_lox_stage.yml``:
+  its document and those of the stages it uses); a completed stage whose
+  record no longer matches the recipe is an error instead of being silently
+  reused;
+- no stage is written inside an input model's directory (output.py).
 """
 
 from __future__ import annotations
@@ -61,53 +62,68 @@ def _is_complete(path: str) -> bool:
     )
 
 
-def _inside(path: str, directory: str) -> bool:
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+def _guard_outputs(recipe: str, documents: List[dict], outputs: Dict[Optional[str], str]) -> None:
+    """No stage may be written into (or over) a local input model (output.py's rule)."""
+    from mergekit_lox.output import OutputError, local_model_dirs, refuse_inside_inputs
+
+    inputs = local_model_dirs([{k: v for k, v in d.items() if k != "name"} for d in documents])
+    for target in outputs.values():
+        try:
+            refuse_inside_inputs(target, inputs)
+        except OutputError as error:
+            raise ChainError(f"{recipe}: {error}") from None
 
 
-def _guard_outputs(recipe: str, configs, outputs: Dict[Optional[str], str]) -> None:
-    """No stage may write into (or over) a local input model."""
-    inputs = set()
-    for config in configs.values():
-        for reference in config.referenced_models():
-            for part in (reference.model, reference.lora):
-                if part is not None and os.path.isdir(part.path):
-                    inputs.add(part.path)
-    own = set(outputs.values())
-    for name, target in outputs.items():
-        for source in inputs:
-            if source in own:
-                continue  # an earlier stage's output, read by a later one
-            if _inside(target, source):
-                stage = f"stage {name!r}" if name else "the final document"
-                raise ChainError(
-                    f"{recipe}: {stage} would be written to {target}, which overlaps the input model {source}"
-                )
+def stage_records(documents: List[dict], dependencies: Dict[Optional[str], set]) -> Dict[Optional[str], str]:
+    """What each stage is computed from: its own document (as mergekit normalises it,
+    references by name, so independent of the intermediate directory) followed by
+    the records of the stages it uses, so a change upstream shows downstream too."""
+    from mergekit.config import MergeConfiguration
+
+    own = {
+        d.get("name"): MergeConfiguration.model_validate(
+            {k: v for k, v in d.items() if k != "name"}
+        ).to_yaml()
+        for d in documents
+    }
+    records: Dict[Optional[str], str] = {}
+
+    def record(name):
+        if name not in records:
+            used = "".join(f"\n# uses stage {dep}:\n{record(dep)}" for dep in sorted(dependencies[name]))
+            records[name] = own[name] + "\n" + used
+        return records[name]
+
+    for name in own:
+        record(name)
+    return records
 
 
 def _record_stages(
-    recipe: str, configs, outputs: Dict[Optional[str], str], lazy: bool
+    recipe: str, records: Dict[Optional[str], str], outputs: Dict[Optional[str], str], lazy: bool
 ) -> None:
-    """Refuse to reuse a completed stage computed from another document; record
-    the document of every stage about to be computed."""
-    for name, config in configs.items():
+    """Refuse to reuse a completed stage computed from another recipe, then record
+    what every stage about to be computed is computed from."""
+    to_write = []
+    for name, text in records.items():
         target = outputs[name]
-        text = config.to_yaml() + "\n"
-        record = os.path.join(target, STAGE_RECORD)
-        if lazy and _is_complete(target) and os.path.exists(record):
-            with open(record, "r", encoding="utf-8") as f:
-                if f.read() != text:
-                    stage = f"stage {name!r}" if name else "the final document"
-                    raise ChainError(
-                        f"{recipe}: {stage} in {target} was computed from a different document; "
-                        "delete that directory or pass --no-lazy to recompute"
-                    )
-            continue
+        path = os.path.join(target, STAGE_RECORD)
         if lazy and _is_complete(target):
-            continue  # completed by plain mergekit-multi: nothing to compare with
-        os.makedirs(target, exist_ok=True)
-        with open(record, "w", encoding="utf-8") as f:
+            # mergekit-multi will reuse it: it must come from these very documents. A
+            # stage completed by plain mergekit-multi has no record to compare with.
+            if os.path.exists(path):
+                with open(path, "r", encoding="utf-8") as f:
+                    if f.read() != text:
+                        stage = f"stage {name!r}" if name else "the final document"
+                        raise ChainError(
+                            f"{recipe}: {stage} in {target} was computed from a different document "
+                            "(its own or a stage it uses); delete that directory or pass --no-lazy"
+                        )
+            continue
+        to_write.append((path, text))
+    for path, text in to_write:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
             f.write(text)
 
 
@@ -135,14 +151,16 @@ def run_chain(
 
     intermediate_dir = intermediate_dir or default_intermediate_dir(out)
     with open(recipe, "r", encoding="utf-8") as f:
-        configs, _ = load_config(f.read(), intermediate_dir)
+        source = f.read()
+    configs, dependencies = load_config(source, intermediate_dir)
     outputs = {
         name: (out if name is None else os.path.join(intermediate_dir, name)) for name in configs
     }
     args: List[str] = list(mergekit_args)
     lazy = "--no-lazy" not in args
-    _guard_outputs(recipe, configs, outputs)
-    _record_stages(recipe, configs, outputs, lazy)
+    documents = list(yaml.safe_load_all(source))
+    _guard_outputs(recipe, documents, outputs)
+    _record_stages(recipe, stage_records(documents, dependencies), outputs, lazy)
     mergekit_multi.main(
         args=[recipe, "--intermediate-dir", intermediate_dir, "--out-path", out, *args],
         prog_name="mergekit-multi",

@@ -19,7 +19,6 @@ A problem is reported as one line naming the document and the field.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -78,9 +77,11 @@ class Report:
         )
 
 
-def _suggest(word: str, candidates) -> str:
-    close = difflib.get_close_matches(str(word), sorted(candidates), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+def _suggest(word, candidates) -> str:
+    """`` (did you mean 'x'?)``: describe.closest, the wording `methods` and the planner use."""
+    from mergekit_lox.describe import closest
+
+    return closest(str(word), sorted(candidates))
 
 
 def _join(path: str, key) -> str:
@@ -104,7 +105,7 @@ def _error_text(error: Exception) -> str:
 def _document_of_line(text: str, line: int) -> int:
     """1-based document number containing 1-based ``line`` (counting `---`)."""
     count, seen_content = 1, False
-    for number, content in enumerate(text.splitlines()[: line - 1], start=1):
+    for content in text.splitlines()[: line - 1]:
         if content.startswith("---"):
             if seen_content:
                 count += 1
@@ -128,10 +129,10 @@ def _load_documents(report: Report, text: str) -> Optional[List[Any]]:
         return None
 
 
-def _label(index: int, name: Optional[str], chain: bool) -> str:
+def _label(index: int, name: Optional[str], final_of_chain: bool) -> str:
     if name is not None:
         return f"document {index} ({name!r})"
-    return f"document {index} (final)" if chain else f"document {index}"
+    return f"document {index} (final)" if final_of_chain else f"document {index}"
 
 
 def _split_documents(report: Report, loaded: List[Any]) -> None:
@@ -141,7 +142,8 @@ def _split_documents(report: Report, loaded: List[Any]) -> None:
     for index, raw in enumerate(loaded, start=1):
         name = raw.get("name") if isinstance(raw, dict) else None
         doc = Document(index, name if isinstance(name, str) else None, raw, "")
-        doc.label = _label(index, doc.name, chain)
+        unnamed_final = isinstance(raw, dict) and "name" not in raw
+        doc.label = _label(index, doc.name, chain and unnamed_final)
         report.documents.append(doc)
         if raw is None:
             report.problems.append(Problem(doc.label, "", "empty document (a stray `---`?)"))
@@ -457,6 +459,8 @@ def _parameter_dicts(raw: dict) -> Iterator[Tuple[str, Any, bool]]:
 def _check_parameters(report: Report, doc: Document, method) -> None:
     from mergekit.merge_methods.base import ParameterScope
 
+    from mergekit_lox.describe import unknown_parameter_message
+
     spec = method.spec
     known = {p.name: p for p in spec.parameters}
     for where, parameters, per_model in _parameter_dicts(doc.raw):
@@ -465,13 +469,9 @@ def _check_parameters(report: Report, doc: Document, method) -> None:
         for name, value in parameters.items():
             field_path = _join(where, name)
             if name not in known:
-                listing = ", ".join(known) or "none"
+                # The planner hook refuses these for our methods; mergekit ignores them for its own.
                 report.problems.append(
-                    Problem(
-                        doc.label,
-                        field_path,
-                        f"unknown parameter for {spec.name} (its parameters: {listing}){_suggest(name, known)}",
-                    )
+                    Problem(doc.label, field_path, unknown_parameter_message(spec.name, name, known))
                 )
                 continue
             parameter = known[name]
@@ -682,20 +682,22 @@ def check_text(text: str, recipe: str = "recipe") -> Report:
         if not isinstance(doc.raw, dict) or ("name" in doc.raw and doc.name is None):
             continue
         _check_schema(report, doc)
-        if doc.config is None:
-            continue
-        _check_dtypes(report, doc)
-        _check_references(report, doc, names)
-        method = methods.get(doc.config.merge_method)
-        if method is None:
+        method_name = doc.raw.get("merge_method")
+        method = methods.get(method_name) if isinstance(method_name, str) else None
+        if isinstance(method_name, str) and method is None:
             report.problems.append(
                 Problem(
                     doc.label,
                     "merge_method",
-                    f"unknown merge method {doc.config.merge_method!r}"
-                    + (_suggest(doc.config.merge_method, methods) or " (see `mergekit-lox methods`)"),
+                    f"unknown merge method {method_name!r}"
+                    + (_suggest(method_name, methods) or " (see `mergekit-lox methods`)"),
                 )
             )
+        if doc.config is None:
+            continue
+        _check_dtypes(report, doc)
+        _check_references(report, doc, names)
+        if method is None:
             continue
         _check_parameters(report, doc, method)
         _check_inputs(report, doc, method)

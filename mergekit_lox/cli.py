@@ -131,6 +131,29 @@ def demo(
     run_demo(directory, lambda recipe, out: run_recipe(recipe, out, ["--quiet"]), echo=typer.echo)
 
 
+@app.command()
+def analyze(
+    base: str = typer.Option(..., "--base", help="Pre-alignment model (W_b): directory or Hugging Face id."),
+    aligned: str = typer.Option(..., "--aligned", help="Safety-aligned model (W_a): directory or id."),
+    finetuned: Optional[str] = typer.Option(
+        None, "--finetuned", help="Fine-tuned model (W_f): adds r_ft and the Safe LoRA cosine."
+    ),
+    out: str = typer.Option(..., "-o", "--out", help="Where to write analysis.json, analysis.csv, report.html."),
+    k: int = typer.Option(6, "--k", min=1, help="Safety-subspace rank for energy_top_k, r_align, r_ft."),
+    name_filter: Optional[str] = typer.Option(None, "--filter", help="Only tensors whose name contains this."),
+    device: str = typer.Option("cpu", "--device", help="Device for the math (cpu, cuda, cuda:1, ...)."),
+):
+    """Per-tensor safety-subspace report: spectra, effective ranks, LoX's r_align/r_ft,
+    Safe LoRA cosines. Streams the models one tensor at a time."""
+    from mergekit_lox.analyze import run_analysis
+
+    paths = run_analysis(
+        base, aligned, out, finetuned, k=k, name_filter=name_filter, device=device, progress=True
+    )
+    typer.echo(f"wrote {paths['json']} and {paths['csv']}")
+    typer.echo(f"report: {paths['html']}")
+
+
 @app.command("safelora-select")
 def safelora_select(
     recipe: str = typer.Argument(..., help="A one-document safelora_project recipe."),

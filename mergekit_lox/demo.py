@@ -72,6 +72,21 @@ def realign_recipe(method: str, family: Family, parameters: dict) -> dict:
     }
 
 
+def safelora_number_recipe(family: Family, root: str, num_layers: int = 8) -> dict:
+    """Safe LoRA in number mode: project the ``num_layers`` lowest-cosine tensors.
+
+    The demo's fine-tune erodes safety inside the alignment subspace, so every
+    cosine is high (about 0.8) and the default threshold 0.5 would project
+    nothing; number mode (what `mergekit-lox safelora-select` does) picks the
+    threshold that projects exactly the lowest ``num_layers``.
+    """
+    from mergekit_lox.safelora_tools import recipe_cosines, select_lowest
+
+    probe = write_recipe(os.path.join(root, "safelora-probe.yml"), realign_recipe("safelora_project", family, {}))
+    threshold, _ = select_lowest(recipe_cosines(probe), num_layers, probe)
+    return realign_recipe("safelora_project", family, {"threshold": threshold})
+
+
 Step = Tuple[str, str, Callable[[Family, str], dict]]
 
 
@@ -83,6 +98,11 @@ def demo_steps() -> List[Step]:
             "LSSF realignment of the fine-tune (automatic entropy rank)",
             "lssf",
             lambda family, root: realign_recipe("lssf_fusion", family, {"scale": 1.0}),
+        ),
+        (
+            "Safe LoRA projection of the fine-tune (scaled C, the 8 lowest-cosine tensors)",
+            "safelora",
+            safelora_number_recipe,
         ),
     ]
 
@@ -117,4 +137,10 @@ def run_demo(root: str, run_recipe: Callable[[str, str], None], echo=print) -> D
     echo("")
     echo("planted safety component kept, relative to the aligned model (1.000 = as aligned):")
     print_table(columns, echo)
+    from mergekit_lox.analyze import run_analysis
+
+    analysis = os.path.join(root, "analysis")
+    report = run_analysis(family.base, family.aligned, analysis, family.finetuned)["html"]
+    echo("")
+    echo(f"safety-subspace report (mergekit-lox analyze -o {analysis}): {os.path.abspath(report)}")
     return columns

@@ -37,7 +37,9 @@ NAME = "safelora_project"
 Projection = Literal["scaled", "orthogonal"]
 
 
-def orthogonal_basis(alignment: torch.Tensor, rank: int) -> torch.Tensor:
+def orthogonal_basis(
+    alignment: torch.Tensor, rank: int, svd: linalg.SvdMode = "auto"
+) -> torch.Tensor:
     """``U_k``: the top-``rank`` left singular vectors of V, per matrix of a stack.
 
     Directions whose singular value is zero at working precision are dropped
@@ -46,13 +48,18 @@ def orthogonal_basis(alignment: torch.Tensor, rank: int) -> torch.Tensor:
     libraries and would project dW onto directions V does not contain.
     """
     k = min(rank, linalg.full_rank_of(alignment))
-    factors = linalg.svd(alignment)
-    keep = linalg.nonzero_mask(factors.S, alignment.shape)[..., :k]
-    return factors.U[..., :k] * keep.unsqueeze(-2).to(factors.U.dtype)
+    factors = linalg.top_k(alignment, k, svd)
+    # The cutoff is relative to S[0], so the top-k values alone decide it.
+    keep = linalg.nonzero_mask(factors.S, alignment.shape)
+    return factors.U * keep.unsqueeze(-2).to(factors.U.dtype)
 
 
 def project_update(
-    alignment: torch.Tensor, update: torch.Tensor, projection: str, rank: int
+    alignment: torch.Tensor,
+    update: torch.Tensor,
+    projection: str,
+    rank: int,
+    svd: linalg.SvdMode = "auto",
 ) -> torch.Tensor:
     """``C dW`` without ever forming an out x out matrix when in < out.
 
@@ -61,10 +68,16 @@ def project_update(
     """
     if projection == "scaled":
         return linalg.left_project(alignment, update, scale=linalg.frobenius(alignment))
-    return linalg.left_project(orthogonal_basis(alignment, rank), update)
+    return linalg.left_project(orthogonal_basis(alignment, rank, svd), update)
 
 
-def update_cosine(alignment: torch.Tensor, update: torch.Tensor, projection: str, rank: int):
+def update_cosine(
+    alignment: torch.Tensor,
+    update: torch.Tensor,
+    projection: str,
+    rank: int,
+    svd: linalg.SvdMode = "auto",
+):
     """``(cos, C dW)`` for V = ``alignment`` and dW = ``update`` (compute dtype).
 
     cos is NaN when V == 0 or dW == 0 (nothing to decide: the fine-tuned tensor
@@ -73,7 +86,7 @@ def update_cosine(alignment: torch.Tensor, update: torch.Tensor, projection: str
     ``torch.nn.functional.cosine_similarity`` also gives 0 there, so the
     tensor is projected (to W_a) whenever the threshold is >= 0.
     """
-    projected = project_update(alignment, update, projection, rank)
+    projected = project_update(alignment, update, projection, rank, svd)
     norms = torch.linalg.vector_norm(projected) * torch.linalg.vector_norm(update)
     dot = torch.dot(projected.reshape(-1), update.reshape(-1))
     cos = torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0)
@@ -87,6 +100,7 @@ def projection_cosine(
     base: torch.Tensor,
     projection: str = "scaled",
     rank: int = 8,
+    svd: linalg.SvdMode = "auto",
 ):
     """``(cos, C dW, W_a)`` in compute precision; cos is NaN when V or dW is zero.
 
@@ -97,7 +111,7 @@ def projection_cosine(
     W_a = aligned.to(dtype)
     alignment = W_a - base.to(dtype)
     update = finetuned.to(dtype) - W_a
-    cos, projected = update_cosine(alignment, update, projection, rank)
+    cos, projected = update_cosine(alignment, update, projection, rank, svd)
     return cos, projected, W_a
 
 
@@ -108,11 +122,16 @@ def project(
     threshold: float,
     projection: str,
     rank: int,
+    svd: linalg.SvdMode = "auto",
 ) -> torch.Tensor:
-    """The pure Safe LoRA rule; returns the result in ``finetuned``'s dtype."""
+    """The pure Safe LoRA rule; returns the result in ``finetuned``'s dtype.
+
+    ``svd`` matters for ``projection: orthogonal`` only (the scaled
+    projection needs no decomposition).
+    """
     if finetuned.ndim < 2:
         return finetuned
-    cos, projected, W_a = projection_cosine(finetuned, aligned, base, projection, rank)
+    cos, projected, W_a = projection_cosine(finetuned, aligned, base, projection, rank, svd)
     # NaN (dW == 0 or V == 0) compares False: the fine-tuned tensor passes.
     # torch.where keeps the decision on the device (no host synchronisation).
     out = torch.where(cos <= threshold, W_a + projected, finetuned.to(W_a.dtype))
@@ -130,6 +149,7 @@ def safelora_project(
     threshold: FiniteFloat = 0.5,
     projection: Projection = "scaled",
     rank: PositiveInt = 8,
+    svd: linalg.SvdMode = "auto",
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
     roles = resolve_roles(NAME, dict(role), where=group.metadata.name)
@@ -141,6 +161,7 @@ def safelora_project(
         threshold,
         projection,
         rank,
+        svd,
     )
 
 

@@ -86,10 +86,10 @@ def select_lowest(scores: Sequence[Scored], num_layers: int, what: str) -> Tuple
     return threshold, [s for s in ranked if s.cos <= threshold]
 
 
-def refuse_inside(out: str, inputs: Mapping[str, str]) -> None:
-    """Never write into an input model's (or adapter's) directory."""
+def refuse_inside(out: str, inputs: Sequence[Tuple[str, str]]) -> None:
+    """Never write into an input model's (or adapter's) directory: (label, path) pairs."""
     target = os.path.realpath(out)
-    for label, path in inputs.items():
+    for label, path in inputs:
         if path and os.path.isdir(path):
             root = os.path.realpath(path)
             if target == root or target.startswith(root + os.sep):
@@ -203,10 +203,14 @@ def recipe_cosines(
     from mergekit.merge import _model_out_config
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
+    from pydantic import ValidationError
 
     import mergekit_lox  # noqa: F401 - registration and planner role checks
 
-    config = MergeConfiguration.model_validate(read_recipe(recipe))
+    try:
+        config = MergeConfiguration.model_validate(read_recipe(recipe))
+    except ValidationError as error:
+        raise SafeLoRAToolError(f"recipe {recipe} is not a valid mergekit recipe: {error}") from error
     options = MergeOptions(lora_merge_cache=lora_merge_cache, device=device, quiet=quiet)
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
@@ -237,7 +241,7 @@ def write_selected_recipe(recipe: str, out: str, threshold: float, selected: Seq
     document["parameters"] = parameters
     header = (
         f"# Written by `mergekit-lox safelora-select {os.path.basename(recipe)} --num-layers {num_layers}`:\n"
-        f"# threshold = the {num_layers}-th lowest Safe LoRA cosine ({selected[num_layers - 1].name});\n"
+        f"# threshold = Safe LoRA cosine number {num_layers} from the lowest ({selected[num_layers - 1].name});\n"
         f"# {len(selected)} tensor(s) have a cosine at or below it and are projected.\n"
     )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -246,16 +250,16 @@ def write_selected_recipe(recipe: str, out: str, threshold: float, selected: Seq
         yaml.safe_dump(document, f, sort_keys=False)
 
 
-def recipe_inputs(recipe: str) -> Dict[str, str]:
-    """Local directories a recipe reads (models and LoRA adapters), by label."""
+def recipe_inputs(recipe: str) -> List[Tuple[str, str]]:
+    """Local directories a recipe reads (models and LoRA adapters), labelled."""
     document = read_recipe(recipe)
-    refs = [document.get("base_model")] + [m.get("model") for m in document.get("models") or [] if isinstance(m, dict)]
-    inputs = {}
-    for ref in refs:
-        for part in str(ref or "").split("+"):
-            if part and os.path.isdir(part):
-                inputs[f"input model {part}"] = part
-    return inputs
+    models = document.get("models")
+    refs = [document.get("base_model")] + [
+        m.get("model") for m in (models if isinstance(models, list) else []) if isinstance(m, dict)
+    ]
+    return [
+        ("input model", part) for ref in refs for part in str(ref or "").split("+") if part and os.path.isdir(part)
+    ]
 
 
 def safelora_select(
@@ -274,7 +278,7 @@ def safelora_select(
     scores = recipe_cosines(recipe, lora_merge_cache=lora_merge_cache, device=device)
     threshold, selected = select_lowest(scores, num_layers, f"recipe {recipe}")
     write_selected_recipe(recipe, out, threshold, selected, num_layers)
-    echo(f"threshold {threshold!r}: the {num_layers}-th lowest of {len(scores)} cosines")
+    echo(f"threshold {threshold!r}: cosine number {num_layers} from the lowest, of {len(scores)}")
     echo_selection(selected, num_layers, "tensor", echo)
     echo(f"wrote {out}")
     return threshold, selected
@@ -477,7 +481,7 @@ def safelora_adapter(
     for path, label in ((base, "base model"), (aligned, "aligned model"), (adapter, "adapter")):
         if not os.path.isdir(path):
             raise SafeLoRAToolError(f"{label} {path} is not a directory")
-    refuse_inside(out, {"base model": base, "aligned model": aligned, "adapter": adapter})
+    refuse_inside(out, [("base model", base), ("aligned model", aligned), ("adapter", adapter)])
 
     config = read_lora_config(adapter)
     weights = os.path.join(adapter, ADAPTER_WEIGHTS)

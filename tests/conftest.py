@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-import yaml
+# One BLAS/OpenMP thread per process, for the NumPy references and torch alike:
+# on these tiny matrices a thread pool only spins, and on a busy 2-core machine
+# that made each SVD ~70-100x slower. The suite's parallelism comes from
+# pytest-xdist workers instead (README: `-n 2`). Must be set before NumPy and
+# torch load; subprocesses (mergekit-yaml, ...) inherit it.
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-from mergekit_lox.synthetic import FamilySpec, build_family, load_state_dict
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+torch.set_num_threads(1)
+
+from mergekit_lox.synthetic import FamilySpec, build_family, load_state_dict  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -63,3 +73,34 @@ def states(family):
         "aligned": load_state_dict(family.aligned),
         "finetuned": load_state_dict(family.finetuned),
     }
+
+
+# LoRA fine-tune of the float32 family's aligned model (Safe LoRA tests).
+LORA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+LORA_RANK, LORA_ALPHA, LORA_ALPHA_PATTERN = 4, 8, {"down_proj": 16}
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(family, tmp_path_factory):
+    """A PEFT LoRA adapter on `family.aligned`, built locally with PEFT.
+
+    r=4, lora_alpha=8 (scaling 2), down_proj alpha 16 (scaling 4, via
+    alpha_pattern); lora_B set to random non-zero values (PEFT starts it at 0).
+    Returns the adapter directory.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(family.aligned, dtype=torch.float32)
+    config = LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_ALPHA, alpha_pattern=LORA_ALPHA_PATTERN, target_modules=LORA_TARGETS
+    )
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    path = str(tmp_path_factory.mktemp("lora") / "adapter")
+    peft_model.save_pretrained(path)
+    return path

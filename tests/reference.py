@@ -93,3 +93,18 @@ def safelora(W_f, W_a, W_b, threshold=0.5, projection="scaled", rank=8):
     if safelora_cosine(W_f, W_a, W_b, projection, rank) <= threshold:
         return W_a + safelora_projection(V, dW, projection, rank)
     return W_f
+
+
+def peft_lora_finetuned(aligned: dict, adapter: dict, scaling) -> dict:
+    """W_f = W_a + s B A for every `base_model.model.<module>.lora_A/B.weight` pair.
+
+    ``aligned`` maps tensor names to float64 arrays, ``adapter`` maps the PEFT
+    adapter's keys to arrays, ``scaling(module)`` gives s = lora_alpha / r.
+    """
+    finetuned = dict(aligned)
+    for key, A in adapter.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")].removeprefix("base_model.model.")
+            B = adapter[key.replace(".lora_A.weight", ".lora_B.weight")]
+            finetuned[module + ".weight"] = aligned[module + ".weight"] + scaling(module) * (B @ A)
+    return finetuned
