@@ -58,6 +58,29 @@ class AnalysisError(ValueError):
 # --------------------------------------------------------------------------- models
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(role: str, path: str) -> str:
+    """A local model directory, or a Hugging Face id resolved as mergekit does
+    (its cache, or a download of the weights and configs only)."""
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    if os.path.exists(path):
+        raise AnalysisError(f"{role} model {path}: not a directory")
+    if not _HUB_ID.match(path):
+        raise AnalysisError(f"{role} model {path}: no such directory")
+    from mergekit.common import ModelReference
+
+    try:
+        return ModelReference.parse(path).local_path()
+    except Exception as error:  # noqa: BLE001 - offline, unknown repo, no access...
+        raise AnalysisError(
+            f"{role} model {path}: not a local directory, and fetching it from the Hugging Face "
+            f"hub failed: {_one_line(error)}"
+        ) from error
+
+
 class ModelTensors:
     """One model directory, read one tensor at a time (mergekit's lazy loader)."""
 
@@ -65,9 +88,7 @@ class ModelTensors:
         from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 
         self.role = role
-        self.path = os.path.abspath(path)
-        if not os.path.isdir(self.path):
-            raise AnalysisError(f"{role} model {path}: no such directory")
+        self.path = resolve_model(role, path)
         try:
             index = ShardedTensorIndex.from_disk(self.path)
         except Exception as error:  # noqa: BLE001 - any unreadable index is bad input
@@ -212,8 +233,10 @@ def tensor_stats(
         # ||P_k X||² = sum_{i<=k} ||u_iᵀ X||²: one thin product gives every k at once.
         coefficients = U[..., :width].transpose(-2, -1) @ drift
         by_direction = (coefficients.double() ** 2).sum(dim=-1).reshape(-1, width).sum(dim=0)
-        drift_energy = (drift.double() ** 2).sum()
-        if drift_energy > 0:
+        # vector_norm reduces in place; a float64 copy of a 32000 x 4096 drift would be 1 GB.
+        drift_energy = torch.linalg.vector_norm(drift).double() ** 2
+        # A zero tau has no safety subspace (its U is arbitrary): r_ft is undefined.
+        if drift_energy > 0 and total > 0:
             cumulative = torch.cumsum(by_direction, dim=0) / drift_energy
             r_ft = math.sqrt(float(cumulative[kk - 1]))
             r_ft_curve = [math.sqrt(v) for v in _cumulative_share(by_direction[:CURVE_RANKS], drift_energy, CURVE_RANKS)]
@@ -302,24 +325,29 @@ def analyze_models(
     results: List[TensorStats] = []
     below_2d = 0
     bar = tqdm(names, desc="analyze", unit="tensor", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for name in bar:
-        tensors = {}
-        for role, model in models.items():
-            tensors[role] = model.get(name)
-            if tensors[role].shape != tensors["base"].shape:
-                raise AnalysisError(
-                    f"tensor {name}: shape {tuple(tensors[role].shape)} in {role} model {model.path} "
-                    f"differs from {tuple(tensors['base'].shape)} in base model {models['base'].path}"
-                )
-        if tensors["aligned"].ndim < 2:
-            below_2d += 1
-            continue
-        tensors = {role: t.to(target) for role, t in tensors.items()}
-        results.append(
-            tensor_stats(name, tensors["base"], tensors["aligned"], tensors.get("finetuned"), k)
-        )
-        del tensors
-    bar.close()
+    try:
+        for name in bar:
+            tensors = {}
+            for role, model in models.items():
+                tensors[role] = model.get(name)
+                if tensors[role].shape != tensors["base"].shape:
+                    raise AnalysisError(
+                        f"tensor {name}: shape {tuple(tensors[role].shape)} in {role} model {model.path} "
+                        f"differs from {tuple(tensors['base'].shape)} in base model {models['base'].path}"
+                    )
+            if tensors["aligned"].ndim < 2:
+                below_2d += 1
+                continue
+            tensors = {role: t.to(target) for role, t in tensors.items()}
+            results.append(
+                tensor_stats(name, tensors["base"], tensors["aligned"], tensors.get("finetuned"), k)
+            )
+            del tensors
+    except BaseException:
+        bar.leave = False  # erase the bar: the error line is all that should remain
+        raise
+    finally:
+        bar.close()
     if not results:
         raise AnalysisError(
             f"aligned model {models['aligned'].path}: no tensor with 2 or more dimensions"
@@ -491,6 +519,8 @@ def run_analysis(
     progress: bool = False,
 ) -> Dict[str, str]:
     """Analyse and write the three files; returns their paths."""
+    base, aligned = resolve_model("base", base), resolve_model("aligned", aligned)
+    finetuned = resolve_model("finetuned", finetuned) if finetuned is not None else None
     _check_output_dir(out_dir, (base, aligned, finetuned))
     analysis = analyze_models(
         base, aligned, finetuned, k=k, name_filter=name_filter, device=device, progress=progress

@@ -75,9 +75,18 @@ def _scale(values: Sequence[float], log: bool) -> Callable[[float], float]:
 
 
 def heatmap_svg(
-    rows: List[Dict[str, object]], key: str, label: str, *, log: bool, digits: int = 3
+    rows: List[Dict[str, object]],
+    key: str,
+    label: str,
+    *,
+    log: bool,
+    digits: int = 3,
+    value_range: Optional[Tuple[float, float]] = None,
 ) -> str:
-    """Module type x layer grid of ``key``; mean where several tensors share a cell."""
+    """Module type x layer grid of ``key``; mean where several tensors share a cell.
+
+    ``value_range`` fixes the colour scale, so that two maps can be compared cell by cell.
+    """
     cells: Dict[Tuple[str, int], List[Dict[str, object]]] = {}
     for row in rows:
         layer, module = layer_and_module(str(row["name"]))
@@ -90,20 +99,22 @@ def heatmap_svg(
     values = {
         cell: _mean([r[key] for r in group]) for cell, group in cells.items()
     }
-    position = _scale(list(values.values()), log)
+    position = _scale(list(value_range) if value_range else list(values.values()), log)
 
     left = max(8 * max(len(m) for m in modules), 60) + 12
     width_cell = max(18.0, min(56.0, (1240 - left) / len(layers)))
     height_cell = 24
     top = 42
-    width = max(left + width_cell * len(layers) + 8, 300)
+    scale_note = ", log colour scale" if log else ""
+    title = f"{label} by layer and module{scale_note}"
+    # Wide enough for the title (about 7.5 px a character in the 12 px label font).
+    width = max(left + width_cell * len(layers) + 8, 7.5 * len(title) + 16)
     legend_y = top + height_cell * len(modules) + 12
     height = legend_y + 32
-    scale_note = ", log colour scale" if log else ""
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width:.0f}" height="{height}" '
         f'viewBox="0 0 {width:.0f} {height}" role="img" aria-label="{_e(label)} per layer">',
-        f'<text x="8" y="16" class="label">{_e(label)} by layer and module{scale_note}</text>',
+        f'<text x="8" y="16" class="label">{_e(title)}</text>',
         f'<text x="{left - 6}" y="{top - 7}" class="tick" text-anchor="end">layer</text>',
     ]
     step = max(1, math.ceil(len(layers) / ((width - left) / 22)))
@@ -137,7 +148,7 @@ def heatmap_svg(
                     f'<text x="{x + (width_cell - 1) / 2:.1f}" y="{y + height_cell / 2 + 3.5:.1f}" '
                     f'class="cell" text-anchor="middle" fill="{color}">{_fmt(value, digits)}</text>'
                 )
-    finite = [v for v in values.values() if v is not None and math.isfinite(v)]
+    finite = list(value_range) if value_range else [v for v in values.values() if v is not None and math.isfinite(v)]
     if finite:
         out.append(_legend(left, legend_y, min(320.0, width - left - 8), min(finite), max(finite)))
     out.append("</svg>")
@@ -165,7 +176,7 @@ def curves_svg(curves: Dict[str, List[Optional[float]]], k: int, suggested: int)
     """Mean r_align(k) and r_ft(k) over tensors, k = 1..K, with k and the suggestion marked."""
     ks = curves["k"]
     width, height = 640, 300
-    left, right, top, bottom = 48, 150, 14, 40
+    left, right, top, bottom = 48, 150, 28, 40
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(kv: float) -> float:
@@ -192,16 +203,15 @@ def curves_svg(curves: Dict[str, List[Optional[float]]], k: int, suggested: int)
     for marker, kv, cls in markers:
         if ks[0] <= kv <= ks[-1]:
             out.append(f'<line x1="{px(kv):.1f}" x2="{px(kv):.1f}" y1="{top}" y2="{top + plot_h}" class="{cls}"/>')
-    # Labels low in the frame, where the curves have risen above them; the
-    # smaller rank's label sits left of its line so equal or close ranks do not collide.
+    # Labels above the frame; the smaller rank's label sits left of its line so
+    # that equal or close ranks do not collide.
     for marker, kv, cls in markers:
         if ks[0] <= kv <= ks[-1]:
             other = k if cls == "suggest" else suggested
             on_left = kv < other or (kv == other and cls == "suggest")
-            anchor, dx = ("end", -4) if on_left else ("start", 4)
+            anchor, dx = ("end", -3) if on_left else ("start", 3)
             out.append(
-                f'<text x="{px(kv) + dx:.1f}" y="{top + plot_h - 8 - (14 if kv == other and cls == "suggest" else 0)}" '
-                f'class="tick" text-anchor="{anchor}">{marker} {kv}</text>'
+                f'<text x="{px(kv) + dx:.1f}" y="{top - 8}" class="tick" text-anchor="{anchor}">{marker} {kv}</text>'
             )
     legend_y = top + 8
     names = {"r_align": "r_align(k)", "r_ft": "r_ft(k)", "energy": "energy share"}
@@ -434,14 +444,17 @@ def render_report(analysis: Analysis) -> str:
         + (
             f"r_ft = ||P_k (dW + tau)|| / ||dW + tau||: the same share for the fine-tuned model's whole "
             f"change from base. r_ft well below r_align means the fine-tune has moved the weights out of "
-            f"the safety subspace, the erosion LoX guards against (LoX paper, section 3).</p>"
+            f"the safety subspace, the erosion LoX guards against (LoX paper, section 3). Both maps share one colour scale.</p>"
             if finetuned
             else "Give --finetuned to see r_ft, the same share after fine-tuning.</p>"
         )
     )
+    # One colour scale for both maps: a cell darker in r_ft than in r_align is erosion.
+    shares = [float(r[key]) for r in rows for key in ("r_ft", "r_align") if r.get(key) is not None]
+    shared = (min(shares), max(shares)) if shares else None
     if finetuned:
-        parts.append(heatmap_svg(rows, "r_ft", "r_ft", log=False))
-    parts.append(heatmap_svg(rows, "r_align", "r_align", log=False))
+        parts.append(heatmap_svg(rows, "r_ft", "r_ft", log=False, value_range=shared))
+    parts.append(heatmap_svg(rows, "r_align", "r_align", log=False, value_range=shared))
 
     parts.append("<h2>3. Choosing the LoX rank</h2>")
     parts.append(
