@@ -21,13 +21,16 @@ module adds what mergekit-multi leaves to chance:
   its document and those of the stages it uses); a completed stage whose
   record no longer matches the recipe is an error instead of being silently
   reused;
-- no stage is written inside an input model's directory (output.py).
+- no stage is written inside an input model's directory (output.py);
+- each stage is built in a staging directory and appears only once complete,
+  so a failed or interrupted stage is never reused as finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import yaml
 
@@ -45,7 +48,10 @@ def document_count(recipe: str) -> int:
 
 
 def is_chain(recipe: str) -> bool:
-    return document_count(recipe) > 1
+    try:
+        return document_count(recipe) > 1
+    except (OSError, yaml.YAMLError):
+        return False  # the one-document path's check reports it (with the YAML line)
 
 
 def default_intermediate_dir(out: str) -> str:
@@ -62,16 +68,12 @@ def _is_complete(path: str) -> bool:
     )
 
 
-def _guard_outputs(recipe: str, documents: List[dict], outputs: Dict[Optional[str], str]) -> None:
-    """No stage may be written into (or over) a local input model (output.py's rule)."""
-    from mergekit_lox.output import OutputError, local_model_dirs, refuse_inside_inputs
+def _guard_outputs(recipe: str, documents: List[dict], targets) -> None:
+    """No stage (nor the LoRA merge cache) may be written into, over or around a
+    local input model (output.py's rule)."""
+    from mergekit_lox.safe_run import guard_outputs
 
-    inputs = local_model_dirs([{k: v for k, v in d.items() if k != "name"} for d in documents])
-    for target in outputs.values():
-        try:
-            refuse_inside_inputs(target, inputs)
-        except OutputError as error:
-            raise ChainError(f"{recipe}: {error}") from None
+    guard_outputs(recipe, documents, targets, ChainError)
 
 
 def stage_records(documents: List[dict], dependencies: Dict[Optional[str], set]) -> Dict[Optional[str], str]:
@@ -99,12 +101,13 @@ def stage_records(documents: List[dict], dependencies: Dict[Optional[str], set])
     return records
 
 
-def _record_stages(
+def _stages_to_compute(
     recipe: str, records: Dict[Optional[str], str], outputs: Dict[Optional[str], str], lazy: bool
-) -> None:
-    """Refuse to reuse a completed stage computed from another recipe, then record
-    what every stage about to be computed is computed from."""
-    to_write = []
+) -> Dict[str, str]:
+    """Refuse to reuse a completed stage computed from another recipe; return the
+    record (what it is computed from) of every stage about to be computed, by
+    output directory. The record is written with the stage, once it is complete."""
+    to_compute = {}
     for name, text in records.items():
         target = outputs[name]
         path = os.path.join(target, STAGE_RECORD)
@@ -120,11 +123,40 @@ def _record_stages(
                             "(its own or a stage it uses); delete that directory or pass --no-lazy"
                         )
             continue
-        to_write.append((path, text))
-    for path, text in to_write:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        to_compute[os.path.abspath(target)] = text
+    return to_compute
+
+
+@contextlib.contextmanager
+def _staged_stages(records: Dict[str, str]) -> Iterator[None]:
+    """Build every stage mergekit-multi computes in a staging directory (output.py).
+
+    mergekit-multi runs each stage as ``run_merge(config, out_path, options=...)``
+    (``mergekit.scripts.multimerge``); for the duration of the chain that call
+    writes into ``output.staged_output(out_path)`` instead, adds the stage's
+    record, and the stage appears at ``out_path`` only once complete. A stage
+    that fails or is interrupted leaves nothing that mergekit-multi's
+    ``--lazy`` would mistake for a finished stage on the next run.
+    """
+    from mergekit.scripts import multimerge
+
+    from mergekit_lox.output import staged_output
+
+    original = multimerge.run_merge
+
+    def run_merge(config, out_path, options, **kwargs):
+        with staged_output(out_path) as staging:
+            original(config, staging, options=options, **kwargs)
+            record = records.get(os.path.abspath(out_path))
+            if record is not None and os.path.isdir(staging):
+                with open(os.path.join(staging, STAGE_RECORD), "w", encoding="utf-8") as f:
+                    f.write(record)
+
+    multimerge.run_merge = run_merge
+    try:
+        yield
+    finally:
+        multimerge.run_merge = original
 
 
 def run_chain(
@@ -134,36 +166,46 @@ def run_chain(
     mergekit_args: Sequence[str] = (),
 ) -> Dict[Optional[str], str]:
     """Check, then run a multi-document recipe exactly as
-    ``mergekit-multi RECIPE -I INTERMEDIATE_DIR --out-path OUT ARGS...`` does.
+    ``mergekit-multi RECIPE -I INTERMEDIATE_DIR --out-path OUT ARGS...`` does,
+    each stage written through a staging directory.
 
     Returns where each stage was written (name, None for the final, -> dir).
     """
     from mergekit.scripts.multimerge import load_config
     from mergekit.scripts.multimerge import main as mergekit_multi
 
-    from mergekit_lox.check import check_recipe
-
-    report = check_recipe(recipe)
-    if report.problems:
-        more = len(report.problems) - 1
-        tail = f" (and {more} more problem(s): run `mergekit-lox check {recipe}`)" if more else ""
-        raise ChainError(f"{recipe}: {report.problems[0]}{tail}")
+    from mergekit_lox.output import OutputError, refuse_to_replace
+    from mergekit_lox.safe_run import command_options, disk_full_explained, merge_loras, require_valid
 
     intermediate_dir = intermediate_dir or default_intermediate_dir(out)
+    args: List[str] = list(mergekit_args)
+    multi_args = [recipe, "--intermediate-dir", intermediate_dir, "--out-path", out, *args]
+    options = command_options(mergekit_multi, multi_args)
+    require_valid(recipe, ChainError, unsafe_truncate_embeddings=bool(options.get("unsafe_truncate_embeddings")))
+
     with open(recipe, "r", encoding="utf-8") as f:
         source = f.read()
     configs, dependencies = load_config(source, intermediate_dir)
     outputs = {
         name: (out if name is None else os.path.join(intermediate_dir, name)) for name in configs
     }
-    args: List[str] = list(mergekit_args)
-    lazy = "--no-lazy" not in args
+    lazy = bool(options.get("lazy", True))
     documents = list(yaml.safe_load_all(source))
-    _guard_outputs(recipe, documents, outputs)
-    _record_stages(recipe, stage_records(documents, dependencies), outputs, lazy)
-    mergekit_multi.main(
-        args=[recipe, "--intermediate-dir", intermediate_dir, "--out-path", out, *args],
-        prog_name="mergekit-multi",
-        standalone_mode=False,
-    )
+    cache = options.get("lora_merge_cache")
+    _guard_outputs(recipe, documents, [*outputs.values(), cache])
+    to_compute = _stages_to_compute(recipe, stage_records(documents, dependencies), outputs, lazy)
+    for target in to_compute:
+        try:
+            refuse_to_replace(target)
+        except OutputError as error:
+            raise ChainError(f"{recipe}: {error}") from None
+    with disk_full_explained(out):
+        merge_loras(
+            documents,
+            cache,
+            trust_remote_code=bool(options.get("trust_remote_code")),
+            lora_merge_dtype=options.get("lora_merge_dtype"),
+        )
+        with _staged_stages(to_compute):
+            mergekit_multi.main(args=multi_args, prog_name="mergekit-multi", standalone_mode=False)
     return outputs

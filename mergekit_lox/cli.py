@@ -52,18 +52,16 @@ def run_recipe(
     mergekit_args: Optional[List[str]] = None,
     intermediate_dir: Optional[str] = None,
 ) -> None:
-    """Run a one-document recipe exactly as `mergekit-yaml RECIPE OUT ARGS...` does;
-    a multi-document recipe is a chain, run as `mergekit-multi` runs it (chain.py)."""
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
-
+    """Run a one-document recipe as `mergekit-yaml RECIPE OUT ARGS...` does;
+    a multi-document recipe is a chain, run as `mergekit-multi` runs it (chain.py).
+    Both are checked first and write OUT only once complete (safe_run.py)."""
     from mergekit_lox.chain import is_chain, run_chain
+    from mergekit_lox.safe_run import run_document
 
     if is_chain(recipe):
         run_chain(recipe, out, intermediate_dir, mergekit_args or [])
         return
-    mergekit_yaml.main(
-        args=[recipe, out, *(mergekit_args or [])], prog_name="mergekit-yaml", standalone_mode=False
-    )
+    run_document(recipe, out, mergekit_args or [])
 
 
 def default_mergekit_args(out: str, mergekit_args: List[str]) -> List[str]:
@@ -236,6 +234,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if verbose:
             traceback.print_exc()
         print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(1)
+    if result == 130:  # typer's answer to a KeyboardInterrupt outside mergekit's commands
+        print("error: interrupted", file=sys.stderr)
         sys.exit(1)
     if isinstance(result, int) and result:
         sys.exit(result)

@@ -24,6 +24,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, NonNegativeInt
 
 from mergekit_lox import linalg
+from mergekit_lox.finite import require_finite
 from mergekit_lox.registration import register_method
 from mergekit_lox.roles import ALIGNED, resolve_roles
 
@@ -31,15 +32,22 @@ NAME = "lox_extrapolate"
 
 
 def extrapolate(
-    aligned: torch.Tensor, base: torch.Tensor, alpha: float, rank: int
+    aligned: torch.Tensor,
+    base: torch.Tensor,
+    alpha: float,
+    rank: int,
+    svd: linalg.SvdMode = "auto",
 ) -> torch.Tensor:
-    """The pure LoX formula on tensors; returns the result in ``aligned``'s dtype."""
+    """The pure LoX formula on tensors; returns the result in ``aligned``'s dtype.
+
+    ``svd`` picks how the top-``rank`` subspace is found (linalg.SVD_MODES).
+    """
     if aligned.ndim < 2:
         return aligned
     dtype = linalg.compute_dtype(aligned)
     W_a = aligned.to(dtype)
     safety_vector = W_a - base.to(dtype)
-    out = W_a + alpha * linalg.lowrank(safety_vector, rank)
+    out = linalg.add_lowrank(W_a, safety_vector, rank, alpha, svd)
     return out.to(aligned.dtype)
 
 
@@ -53,11 +61,13 @@ def lox_extrapolate(
     group: TensorGroup,
     alpha: FiniteFloat = 1.25,
     rank: NonNegativeInt = 6,
+    svd: linalg.SvdMode = "auto",
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
+    require_finite(group)
     roles = resolve_roles(NAME, dict(role), where=group.metadata.name)
     entries = {entry.id: entry.tensor for entry in group.non_base}
-    return extrapolate(entries[roles[ALIGNED]], group.base.tensor, alpha, rank)
+    return extrapolate(entries[roles[ALIGNED]], group.base.tensor, alpha, rank, svd)
 
 
 register_method(lox_extrapolate)

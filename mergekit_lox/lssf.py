@@ -27,19 +27,20 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, NonNegativeInt, PositiveFloat
 
 from mergekit_lox import linalg
+from mergekit_lox.finite import require_finite
 from mergekit_lox.registration import register_method
 from mergekit_lox.roles import ALIGNED, FINETUNED, resolve_roles
 
 NAME = "lssf_fusion"
 
 
-def safety_lowrank(safety_vector: torch.Tensor, rank: int, rank_scale: float) -> torch.Tensor:
+def safety_lowrank(
+    safety_vector: torch.Tensor, rank: int, rank_scale: float, svd: linalg.SvdMode = "auto"
+) -> torch.Tensor:
     """``P tau = lowrank_k(tau)`` with a fixed or entropy-chosen rank per matrix."""
     if rank > 0:
-        return linalg.lowrank(safety_vector, rank)
-    factors = linalg.svd(safety_vector)
-    k = linalg.entropy_rank(factors.S, safety_vector.shape, rank_scale)
-    return linalg.lowrank_per_matrix(factors, k)
+        return linalg.lowrank(safety_vector, rank, svd)
+    return linalg.entropy_lowrank(safety_vector, rank_scale, svd)[0]
 
 
 def fuse(
@@ -49,6 +50,7 @@ def fuse(
     scale: float,
     rank: int,
     rank_scale: float,
+    svd: linalg.SvdMode = "auto",
 ) -> torch.Tensor:
     """The pure LSSF formula; returns the result in ``finetuned``'s dtype.
 
@@ -59,7 +61,7 @@ def fuse(
         return finetuned
     dtype = linalg.compute_dtype(finetuned)
     safety_vector = aligned.to(dtype) - base.to(dtype)
-    out = finetuned.to(dtype) + scale * safety_lowrank(safety_vector, rank, rank_scale)
+    out = finetuned.to(dtype) + scale * safety_lowrank(safety_vector, rank, rank_scale, svd)
     return out.to(finetuned.dtype)
 
 
@@ -74,8 +76,10 @@ def lssf_fusion(
     scale: FiniteFloat = 1.0,
     rank: NonNegativeInt = 0,
     rank_scale: PositiveFloat = 1.0,
+    svd: linalg.SvdMode = "auto",
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
+    require_finite(group)
     roles = resolve_roles(NAME, dict(role), where=group.metadata.name)
     entries = {entry.id: entry.tensor for entry in group.non_base}
     return fuse(
@@ -85,6 +89,7 @@ def lssf_fusion(
         scale,
         rank,
         rank_scale,
+        svd,
     )
 
 

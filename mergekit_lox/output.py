@@ -6,6 +6,11 @@ interrupted (Ctrl-C, a full disk) leaves a directory that looks like a model.
 moves it into place only once everything is written; on failure the staging
 directory is removed. `refuse_inside_inputs` stops a run whose OUT is, or is
 inside, one of its input models' directories before anything is written.
+
+Because a run replaces OUT as a whole, an existing OUT is replaced only when
+it is empty or was itself written by a merge (it holds mergekit's
+``mergekit_config.yml`` or a chain stage record): a directory of the user's
+other files is refused instead of deleted.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import uuid
+import tempfile
 from typing import Iterable, Iterator
+
+from mergekit_lox.chain import STAGE_RECORD
 
 
 class OutputError(ValueError):
@@ -53,29 +60,57 @@ def refuse_inside_inputs(out: str, input_dirs: Iterable[str]) -> None:
             raise OutputError(f"output {out} contains input model directory {source}: choose another OUT")
 
 
+# Files that mark a directory as the output of an earlier merge (safe to replace):
+# mergekit writes mergekit_config.yml with its model card, chain.py its stage record.
+MERGE_OUTPUT_MARKERS = ("mergekit_config.yml", STAGE_RECORD)
+
+
+def refuse_to_replace(out: str) -> None:
+    """Raise unless OUT is absent, empty, or the output of an earlier merge."""
+    if not os.path.lexists(out):
+        return
+    if not os.path.isdir(out):
+        raise OutputError(f"output {out} exists and is not a directory: choose another OUT")
+    entries = os.listdir(out)
+    if entries and not any(marker in entries for marker in MERGE_OUTPUT_MARKERS):
+        raise OutputError(
+            f"output {out} already exists and was not written by a merge (no mergekit_config.yml); "
+            "a run replaces OUT as a whole: remove it or choose another OUT"
+        )
+
+
 @contextlib.contextmanager
 def staged_output(out: str) -> Iterator[str]:
-    """Yield a staging directory beside OUT; move it to OUT only on success.
+    """Yield a staging directory for OUT; move it to OUT only on success.
 
-    An existing OUT is replaced only after the new one is complete, and kept
-    untouched if the run fails.
+    The staging directory is ``NAME`` inside a hidden sibling
+    ``.NAME.incomplete-XXXX/`` of OUT: same filesystem (the final move is a
+    rename), and the same basename, which mergekit uses as the model card's
+    title. An existing OUT is replaced only after the new one is complete, and
+    kept untouched if the run fails or is interrupted (any exception,
+    KeyboardInterrupt included); the hidden sibling is always removed.
     """
-    out = os.path.abspath(out)
-    parent, name = os.path.split(out.rstrip(os.sep))
+    out = os.path.abspath(out).rstrip(os.sep)
+    refuse_to_replace(out)
+    parent, name = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    staging = os.path.join(parent, f".{name}.incomplete-{token}")
+    root = tempfile.mkdtemp(prefix=f".{name}.incomplete-", dir=parent)
+    staging = os.path.join(root, name)
     try:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not os.path.isdir(staging):
+        if os.path.isdir(staging):
+            _move_into_place(staging, out, os.path.join(root, ".replaced"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _move_into_place(staging: str, out: str, retired: str) -> None:
+    if not os.path.lexists(out):
+        os.replace(staging, out)
         return
-    if os.path.lexists(out):
-        retired = os.path.join(parent, f".{name}.replaced-{token}")
-        os.replace(out, retired)
+    os.replace(out, retired)
+    try:
         os.replace(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    except BaseException:
+        os.replace(retired, out)  # put the previous OUT back
+        raise

@@ -26,7 +26,7 @@ class RoleError(ValueError):
     """The recipe's `role` parameters do not describe the inputs a method needs."""
 
 
-def _requirement_text(method: str, required: Sequence[str]) -> str:
+def requirement_text(method: str, required: Sequence[str]) -> str:
     wanted = " and ".join(f"one with `parameters: {{role: {r}}}`" for r in required)
     return f"{method} needs base_model plus exactly {len(required)} model(s) under `models:`: {wanted}"
 
@@ -67,4 +67,4 @@ def resolve_roles(
         if not problems:
             return found
     location = f" (tensor {where})" if where else ""
-    raise RoleError(f"{_requirement_text(method, required)}; {'; '.join(problems)}{location}")
+    raise RoleError(f"{requirement_text(method, required)}; {'; '.join(problems)}{location}")

@@ -29,6 +29,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, PositiveInt
 
 from mergekit_lox import linalg
+from mergekit_lox.finite import require_finite
 from mergekit_lox.registration import register_method
 from mergekit_lox.roles import ALIGNED, FINETUNED, resolve_roles
 
@@ -152,6 +153,7 @@ def safelora_project(
     svd: linalg.SvdMode = "auto",
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
+    require_finite(group)
     roles = resolve_roles(NAME, dict(role), where=group.metadata.name)
     entries = {entry.id: entry.tensor for entry in group.non_base}
     return project(

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from mergekit_lox import safelora
+from mergekit_lox.finite import require_finite, require_finite_tensor
 from mergekit_lox.roles import ALIGNED, FINETUNED, resolve_roles
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -140,6 +141,7 @@ def _cosine_task_class():
             group = align_dtype(
                 TensorGroup(entries=entries, metadata=TensorMetadata.from_weight_info(merge.output_weight))
             )
+            require_finite(group)  # as the kernel does: a NaN input is an error, not a skipped tensor
             roles = resolve_roles(
                 safelora.NAME,
                 {e.id: merge.input_parameters[e.id]["role"] for e in group.non_base},
@@ -402,6 +404,7 @@ def score_adapter_modules(
     projection: str,
     rank: int,
     device: str = "cpu",
+    adapter: str = "adapter",
 ) -> None:
     """Fill each module's cosine and C B, loading one base/aligned weight pair at a time."""
     base_loader = _model_loader(base, "base")
@@ -411,6 +414,13 @@ def score_adapter_modules(
         W_a = _load(aligned_loader, m.weight, "aligned", aligned, m.module, device)
         A = tensors[m.key_a].to(device)
         B = tensors[m.key_b].to(device)
+        for tensor, name, source, kind in (
+            (W_b, m.weight, base, "model"),
+            (W_a, m.weight, aligned, "model"),
+            (A, m.key_a, adapter, "adapter"),
+            (B, m.key_b, adapter, "adapter"),
+        ):
+            require_finite_tensor(tensor, name, source, kind)
         if W_a.shape != W_b.shape or W_a.shape != (B.shape[0], A.shape[1]):
             raise SafeLoRAToolError(
                 f"module {m.module}: base {tuple(W_b.shape)}, aligned {tuple(W_a.shape)} and "
@@ -491,7 +501,7 @@ def safelora_adapter(
     with safe_open(weights, framework="pt") as f:
         metadata = f.metadata() or {"format": "pt"}
     modules = adapter_modules(adapter, config, tensors)
-    score_adapter_modules(base, aligned, modules, tensors, projection, rank, device)
+    score_adapter_modules(base, aligned, modules, tensors, projection, rank, device, adapter)
 
     scored = [Scored(m.module, m.cos) for m in modules if m.cos is not None]
     if num_layers is not None:

@@ -1,0 +1,171 @@
+"""What `mergekit-lox run` adds around mergekit so that bad input costs no data.
+
+mergekit-yaml validates a recipe's schema and starts: a misspelt local path
+falls into a Hugging Face lookup, a bad parameter value fails with a
+multi-line pydantic error, an OUT inside an input model is written into, and a
+run that fails or is interrupted half-way leaves half a model in OUT.
+`run_document` does, before mergekit starts:
+
+1. the whole of `mergekit-lox check` (check.py); its first problem is the error;
+2. refuse an OUT (or LoRA merge cache) equal to, inside or containing an
+   input model's directory (output.py), and an existing OUT that is not the
+   output of an earlier merge;
+3. merge `model+adapter` references into the LoRA merge cache atomically
+   (`merge_loras`);
+
+then runs mergekit-yaml's own command into a staging directory beside OUT
+that replaces OUT only once complete (output.staged_output). chain.py does
+the same per stage of a multi-document recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from typing import Iterable, Iterator, List, Sequence
+
+import yaml
+
+
+class RunError(ValueError):
+    """The run was refused or failed; the message says what to fix."""
+
+
+def require_valid(recipe: str, error_cls=RunError, unsafe_truncate_embeddings: bool = False):
+    """Run `mergekit-lox check` on ``recipe``; raise its first problem as one line.
+
+    With ``unsafe_truncate_embeddings`` (mergekit's option of that name) a
+    vocabulary-size mismatch is mergekit's to handle, not a problem.
+    """
+    from mergekit_lox.check import VOCABULARY_MISMATCH, check_recipe
+
+    report = check_recipe(recipe)
+    problems = [
+        p
+        for p in report.problems
+        if not (unsafe_truncate_embeddings and p.message.startswith(VOCABULARY_MISMATCH))
+    ]
+    if problems:
+        more = len(problems) - 1
+        tail = f" (and {more} more problem(s): run `mergekit-lox check {recipe}`)" if more else ""
+        raise error_cls(f"{recipe}: {problems[0]}{tail}")
+    return report
+
+
+def command_options(command, argv: Sequence[str]) -> dict:
+    """The options mergekit's click ``command`` would parse from ``argv``.
+
+    Parsing is mergekit's own, so a bad option is a usage error at once,
+    before anything runs.
+    """
+    with command.make_context(command.name, list(argv)) as ctx:
+        return dict(ctx.params)
+
+
+def merge_loras(
+    documents: Iterable[dict],
+    cache_dir: str | None,
+    *,
+    trust_remote_code: bool = False,
+    lora_merge_dtype: str | None = None,
+) -> List[str]:
+    """Merge every local `model+adapter` reference into ``cache_dir``, atomically.
+
+    mergekit merges a LoRA into ``cache_dir/<model>_<adapter>`` and reuses any
+    directory of that name on later runs, even one that an interrupted run
+    left half-written. Here mergekit's own ``ModelReference.merged`` writes
+    into a hidden staging directory inside the cache and the result is
+    renamed into place only once saved; mergekit then finds it complete.
+    Returns the merged directories.
+    """
+    from mergekit.config import MergeConfiguration
+
+    references = []
+    for document in documents:
+        config = MergeConfiguration.model_validate({k: v for k, v in document.items() if k != "name"})
+        for reference in config.referenced_models():
+            if reference.lora is not None and os.path.isdir(reference.model.path) and reference not in references:
+                references.append(reference)
+    if not references:
+        return []
+    if not cache_dir:
+        raise RunError("a `model+adapter` reference needs --lora-merge-cache")
+    merged_dirs = []
+    for reference in references:
+        # mergekit's own cache key (ModelReference.merged).
+        final = os.path.join(cache_dir, reference.model._unique_id() + "_" + reference.lora._unique_id())
+        if not os.path.exists(final):
+            os.makedirs(cache_dir, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".incomplete-", dir=cache_dir)
+            try:
+                merged = reference.merged(
+                    cache_dir=staging, trust_remote_code=trust_remote_code, lora_merge_dtype=lora_merge_dtype
+                )
+                os.replace(merged.model.path, final)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        merged_dirs.append(final)
+    return merged_dirs
+
+
+@contextlib.contextmanager
+def disk_full_explained(out: str) -> Iterator[None]:
+    """Turn ENOSPC into a one-line error that says OUT was left as it was."""
+    existed = os.path.lexists(out)
+    try:
+        yield
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        state = "is unchanged" if existed else "was not created"
+        raise RunError(
+            f"no space left on the device while writing {out}: nothing was written ({out} {state}); "
+            "free some space or choose an OUT on another disk"
+        ) from error
+
+
+def guard_outputs(recipe: str, documents: List[dict], targets: Iterable[str], error_cls=RunError) -> None:
+    """No output (OUT, a stage, the LoRA cache) may be, lie inside or contain an input."""
+    from mergekit_lox.output import OutputError, local_model_dirs, refuse_inside_inputs
+
+    inputs = local_model_dirs([{k: v for k, v in d.items() if k != "name"} for d in documents])
+    for target in targets:
+        if target:
+            try:
+                refuse_inside_inputs(target, inputs)
+            except OutputError as error:
+                raise error_cls(f"{recipe}: {error}") from None
+
+
+def run_document(recipe: str, out: str, mergekit_args: Sequence[str] = ()) -> None:
+    """Run a one-document recipe as ``mergekit-yaml RECIPE OUT ARGS...`` does,
+    checked first and written through a staging directory."""
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    from mergekit_lox.output import OutputError, refuse_to_replace, staged_output
+
+    args = list(mergekit_args)
+    options = command_options(mergekit_yaml, [recipe, out, *args])
+    require_valid(recipe, unsafe_truncate_embeddings=bool(options.get("unsafe_truncate_embeddings")))
+    with open(recipe, "r", encoding="utf-8") as f:
+        documents = [d for d in yaml.safe_load_all(f) if d is not None]
+    cache = options.get("lora_merge_cache")
+    guard_outputs(recipe, documents, [out, cache])
+    try:
+        refuse_to_replace(out)
+    except OutputError as error:
+        raise RunError(f"{recipe}: {error}") from None
+    with disk_full_explained(out):
+        merge_loras(
+            documents,
+            cache,
+            trust_remote_code=bool(options.get("trust_remote_code")),
+            lora_merge_dtype=options.get("lora_merge_dtype"),
+        )
+        with staged_output(out) as staging:
+            mergekit_yaml.main(
+                args=[recipe, staging, *args], prog_name="mergekit-yaml", standalone_mode=False
+            )
