@@ -2,8 +2,8 @@
 
 A single NaN in an input spreads through an SVD into a whole output matrix, or
 makes ``torch.linalg.svd`` fail with a message that names neither the tensor
-nor the model. Every kernel (lox, lssf, safelora and safelora-select's
-cosines) calls `require_finite` on its tensor group first.
+nor the model. Every kernel (through ``roles.role_tensors``) and safelora-select's cosines
+call `require_finite` on their tensor group first.
 
 Cost: one reduction (``isfinite(...).all()``) per input tensor and one
 host synchronisation per tensor group; only when a group fails are the bad
@@ -48,3 +48,4 @@ def require_finite_tensor(tensor: torch.Tensor, name, model, kind: str = "model"
     """The same check for one tensor outside a merge (safelora-adapter's inputs)."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise NonFiniteInputError(nonfinite_message(tensor, name, model, kind))
+

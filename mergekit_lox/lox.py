@@ -24,9 +24,8 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, NonNegativeInt
 
 from mergekit_lox import linalg
-from mergekit_lox.finite import require_finite
 from mergekit_lox.registration import register_method
-from mergekit_lox.roles import ALIGNED, resolve_roles
+from mergekit_lox.roles import ALIGNED, role_tensors
 
 NAME = "lox_extrapolate"
 
@@ -64,10 +63,8 @@ def lox_extrapolate(
     svd: linalg.SvdMode = "auto",
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
-    require_finite(group)
-    roles = resolve_roles(NAME, dict(role), where=group.metadata.name)
-    entries = {entry.id: entry.tensor for entry in group.non_base}
-    return extrapolate(entries[roles[ALIGNED]], group.base.tensor, alpha, rank, svd)
+    inputs = role_tensors(NAME, group, role)
+    return extrapolate(inputs[ALIGNED], inputs["base"], alpha, rank, svd)
 
 
 register_method(lox_extrapolate)

@@ -27,9 +27,8 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, NonNegativeInt, PositiveFloat
 
 from mergekit_lox import linalg
-from mergekit_lox.finite import require_finite
 from mergekit_lox.registration import register_method
-from mergekit_lox.roles import ALIGNED, FINETUNED, resolve_roles
+from mergekit_lox.roles import ALIGNED, FINETUNED, role_tensors
 
 NAME = "lssf_fusion"
 
@@ -79,13 +78,11 @@ def lssf_fusion(
     svd: linalg.SvdMode = "auto",
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
-    require_finite(group)
-    roles = resolve_roles(NAME, dict(role), where=group.metadata.name)
-    entries = {entry.id: entry.tensor for entry in group.non_base}
+    inputs = role_tensors(NAME, group, role)
     return fuse(
-        entries[roles[FINETUNED]],
-        entries[roles[ALIGNED]],
-        group.base.tensor,
+        inputs[FINETUNED],
+        inputs[ALIGNED],
+        inputs["base"],
         scale,
         rank,
         rank_scale,

@@ -68,3 +68,17 @@ def resolve_roles(
             return found
     location = f" (tensor {where})" if where else ""
     raise RoleError(f"{requirement_text(method, required)}; {'; '.join(problems)}{location}")
+
+
+def role_tensors(method: str, group, role) -> dict:
+    """A kernel's inputs, checked: ``{"base": W_b, "aligned": W_a[, "finetuned": W_f]}``.
+
+    Refuses NaN/Inf inputs and bad roles (naming the tensor and the model)
+    before any arithmetic; ``role`` is the kernel's per-model `role` values.
+    """
+    from mergekit_lox.finite import require_finite
+
+    require_finite(group)
+    roles = resolve_roles(method, dict(role), where=group.metadata.name)
+    by_id = {entry.id: entry.tensor for entry in group.non_base}
+    return {"base": group.base.tensor, **{name: by_id[model] for name, model in roles.items()}}

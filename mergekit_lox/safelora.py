@@ -29,9 +29,8 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, PositiveInt
 
 from mergekit_lox import linalg
-from mergekit_lox.finite import require_finite
 from mergekit_lox.registration import register_method
-from mergekit_lox.roles import ALIGNED, FINETUNED, resolve_roles
+from mergekit_lox.roles import ALIGNED, FINETUNED, role_tensors
 
 NAME = "safelora_project"
 
@@ -153,13 +152,11 @@ def safelora_project(
     svd: linalg.SvdMode = "auto",
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
-    require_finite(group)
-    roles = resolve_roles(NAME, dict(role), where=group.metadata.name)
-    entries = {entry.id: entry.tensor for entry in group.non_base}
+    inputs = role_tensors(NAME, group, role)
     return project(
-        entries[roles[FINETUNED]],
-        entries[roles[ALIGNED]],
-        group.base.tensor,
+        inputs[FINETUNED],
+        inputs[ALIGNED],
+        inputs["base"],
         threshold,
         projection,
         rank,

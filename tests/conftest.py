@@ -104,3 +104,16 @@ def lora_adapter(family, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("lora") / "adapter")
     peft_model.save_pretrained(path)
     return path
+
+
+def run_cli(args, capsys):
+    """Run `mergekit-lox ARGS` in-process: (exit code, stdout, stderr)."""
+    from mergekit_lox.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as done:
+        code = done.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

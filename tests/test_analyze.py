@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 
 import reference as ref
 from mergekit_lox.analyze import FINETUNED_KEYS, TENSOR_KEYS, analyze_models, run_analysis
-from mergekit_lox.cli import main
 from mergekit_lox.report import _fmt
 from mergekit_lox.synthetic import load_state_dict
+from conftest import run_cli
 
 SVG = "{http://www.w3.org/2000/svg}"
 REL = 2e-5  # float32 math against float64: ratios and entropies agree to ~1e-6
@@ -436,15 +436,6 @@ def test_memory_stays_bounded_below_the_model_size(tmp_path):
 
 # --------------------------------------------------------------------------- CLI and demo
 
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_writes_the_report_and_says_where(family, tmp_path, capsys):

@@ -6,17 +6,8 @@ import json
 
 import pytest
 
-from mergekit_lox.cli import main
+from conftest import run_cli
 
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_methods_json_lists_every_method_with_its_spec(capsys):

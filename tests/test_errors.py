@@ -21,16 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_lox.cli import main
 from mergekit_lox.synthetic import load_state_dict, make_tokenizer
+from conftest import run_cli
 
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def write(path, text_or_document) -> str:

@@ -23,20 +23,11 @@ import yaml
 
 import reference as ref
 from mergekit_lox.chain import STAGE_RECORD
-from mergekit_lox.cli import main
 from mergekit_lox.synthetic import load_state_dict
+from conftest import run_cli
 
 SMALL_SHARDS = ["--out-shard-size", "20K", "--quiet"]
 
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main(args)
-    except SystemExit as done:
-        code = done.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def digest(*roots) -> dict:
