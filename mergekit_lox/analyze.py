@@ -453,12 +453,14 @@ def summarize(
 
 
 def _check_output_dir(out_dir: str, inputs: Iterable[Optional[str]]) -> str:
+    from mergekit_lox.output import is_within
+
     out = os.path.realpath(out_dir)
     for model in inputs:
         if model is None:
             continue
-        model_dir = os.path.realpath(model)
-        if os.path.commonpath([out, model_dir]) == model_dir:
+        # Writing three report files beside (or above) a model is harmless; inside it is not.
+        if is_within(out, model):
             raise AnalysisError(f"output directory {out_dir} is inside input model {model}; choose another -o")
     if os.path.exists(out) and not os.path.isdir(out):
         raise AnalysisError(f"output {out_dir} exists and is not a directory")

@@ -32,6 +32,12 @@ def _resolved(path: str) -> str:
     return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
 
+def is_within(path: str, directory: str) -> bool:
+    """True when ``path`` is ``directory`` or lies inside it (symlinks resolved)."""
+    path, directory = _resolved(path), _resolved(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
 def local_model_dirs(recipe_documents: Iterable[dict]) -> list[str]:
     """Local directories a recipe reads (models and LoRA adapters), not hub IDs."""
     from mergekit.config import MergeConfiguration
@@ -51,12 +57,11 @@ def local_model_dirs(recipe_documents: Iterable[dict]) -> list[str]:
 
 def refuse_inside_inputs(out: str, input_dirs: Iterable[str]) -> None:
     """Raise when OUT equals or lies inside an input directory (or contains one)."""
-    target = _resolved(out)
     for source in input_dirs:
         source = _resolved(source)
-        if target == source or target.startswith(source + os.sep):
+        if is_within(out, source):
             raise OutputError(f"output {out} is inside input model directory {source}: choose another OUT")
-        if source.startswith(target + os.sep):
+        if is_within(source, out):
             raise OutputError(f"output {out} contains input model directory {source}: choose another OUT")
 
 

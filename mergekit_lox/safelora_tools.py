@@ -89,11 +89,11 @@ def select_lowest(scores: Sequence[Scored], num_layers: int, what: str) -> Tuple
 
 def refuse_inside(out: str, inputs: Sequence[Tuple[str, str]]) -> None:
     """Never write into an input model's (or adapter's) directory: (label, path) pairs."""
-    target = os.path.realpath(out)
+    from mergekit_lox.output import is_within
+
     for label, path in inputs:
         if path and os.path.isdir(path):
-            root = os.path.realpath(path)
-            if target == root or target.startswith(root + os.sep):
+            if is_within(out, path):
                 raise SafeLoRAToolError(f"output {out} is inside the {label} directory {path}; choose another path")
 
 
