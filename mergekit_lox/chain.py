@@ -68,14 +68,6 @@ def _is_complete(path: str) -> bool:
     )
 
 
-def _guard_outputs(recipe: str, documents: List[dict], targets) -> None:
-    """No stage (nor the LoRA merge cache) may be written into, over or around a
-    local input model (output.py's rule)."""
-    from mergekit_lox.safe_run import guard_outputs
-
-    guard_outputs(recipe, documents, targets, ChainError)
-
-
 def stage_records(documents: List[dict], dependencies: Dict[Optional[str], set]) -> Dict[Optional[str], str]:
     """What each stage is computed from: its own document (as mergekit normalises it,
     references by name, so independent of the intermediate directory) followed by
@@ -174,8 +166,7 @@ def run_chain(
     from mergekit.scripts.multimerge import load_config
     from mergekit.scripts.multimerge import main as mergekit_multi
 
-    from mergekit_lox.output import OutputError, refuse_to_replace
-    from mergekit_lox.safe_run import command_options, disk_full_explained, merge_loras, require_valid
+    from mergekit_lox.safe_run import command_options, prepared_run, require_valid
 
     intermediate_dir = intermediate_dir or default_intermediate_dir(out)
     args: List[str] = list(mergekit_args)
@@ -191,21 +182,8 @@ def run_chain(
     }
     lazy = bool(options.get("lazy", True))
     documents = list(yaml.safe_load_all(source))
-    cache = options.get("lora_merge_cache")
-    _guard_outputs(recipe, documents, [*outputs.values(), cache])
     to_compute = _stages_to_compute(recipe, stage_records(documents, dependencies), outputs, lazy)
-    for target in to_compute:
-        try:
-            refuse_to_replace(target)
-        except OutputError as error:
-            raise ChainError(f"{recipe}: {error}") from None
-    with disk_full_explained(out):
-        merge_loras(
-            documents,
-            cache,
-            trust_remote_code=bool(options.get("trust_remote_code")),
-            lora_merge_dtype=options.get("lora_merge_dtype"),
-        )
+    with prepared_run(recipe, documents, options, out, outputs.values(), to_compute, ChainError):
         with _staged_stages(to_compute):
             mergekit_multi.main(args=multi_args, prog_name="mergekit-multi", standalone_mode=False)
     return outputs

@@ -442,9 +442,9 @@ def render_report(analysis: Analysis) -> str:
         f"<p>r_align = ||P_k tau|| / ||tau||: the share (in norm) of the safety update inside its own "
         f"top-{k} subspace. "
         + (
-            f"r_ft = ||P_k (dW + tau)|| / ||dW + tau||: the same share for the fine-tuned model's whole "
-            f"change from base. r_ft well below r_align means the fine-tune has moved the weights out of "
-            f"the safety subspace, the erosion LoX guards against (LoX paper, section 3). Both maps share one colour scale.</p>"
+            "r_ft = ||P_k (dW + tau)|| / ||dW + tau||: the same share for the fine-tuned model's whole "
+            "change from base. r_ft well below r_align means the fine-tune has moved the weights out of "
+            "the safety subspace, the erosion LoX guards against (LoX paper, section 3). Both maps share one colour scale.</p>"
             if finetuned
             else "Give --finetuned to see r_ft, the same share after fine-tuning.</p>"
         )

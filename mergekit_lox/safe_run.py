@@ -140,24 +140,32 @@ def guard_outputs(recipe: str, documents: List[dict], targets: Iterable[str], er
                 raise error_cls(f"{recipe}: {error}") from None
 
 
-def run_document(recipe: str, out: str, mergekit_args: Sequence[str] = ()) -> None:
-    """Run a one-document recipe as ``mergekit-yaml RECIPE OUT ARGS...`` does,
-    checked first and written through a staging directory."""
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
+@contextlib.contextmanager
+def prepared_run(
+    recipe: str,
+    documents: List[dict],
+    options: dict,
+    out: str,
+    outputs: Iterable[str],
+    replaced: Iterable[str],
+    error_cls=RunError,
+) -> Iterator[None]:
+    """Everything before mergekit writes, for one document or a chain.
 
-    from mergekit_lox.output import OutputError, refuse_to_replace, staged_output
+    No output (``outputs`` and the LoRA merge cache) may be, lie inside or
+    contain an input; nothing in ``replaced`` may be replaced unless an earlier
+    merge wrote it; `model+adapter` references are merged into the cache; a
+    full disk in the body is reported as one line about ``out``.
+    """
+    from mergekit_lox.output import OutputError, refuse_to_replace
 
-    args = list(mergekit_args)
-    options = command_options(mergekit_yaml, [recipe, out, *args])
-    require_valid(recipe, unsafe_truncate_embeddings=bool(options.get("unsafe_truncate_embeddings")))
-    with open(recipe, "r", encoding="utf-8") as f:
-        documents = [d for d in yaml.safe_load_all(f) if d is not None]
     cache = options.get("lora_merge_cache")
-    guard_outputs(recipe, documents, [out, cache])
-    try:
-        refuse_to_replace(out)
-    except OutputError as error:
-        raise RunError(f"{recipe}: {error}") from None
+    guard_outputs(recipe, documents, [*outputs, cache], error_cls)
+    for target in replaced:
+        try:
+            refuse_to_replace(target)
+        except OutputError as error:
+            raise error_cls(f"{recipe}: {error}") from None
     with disk_full_explained(out):
         merge_loras(
             documents,
@@ -165,6 +173,22 @@ def run_document(recipe: str, out: str, mergekit_args: Sequence[str] = ()) -> No
             trust_remote_code=bool(options.get("trust_remote_code")),
             lora_merge_dtype=options.get("lora_merge_dtype"),
         )
+        yield
+
+
+def run_document(recipe: str, out: str, mergekit_args: Sequence[str] = ()) -> None:
+    """Run a one-document recipe as ``mergekit-yaml RECIPE OUT ARGS...`` does,
+    checked first and written through a staging directory."""
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    from mergekit_lox.output import staged_output
+
+    args = list(mergekit_args)
+    options = command_options(mergekit_yaml, [recipe, out, *args])
+    require_valid(recipe, unsafe_truncate_embeddings=bool(options.get("unsafe_truncate_embeddings")))
+    with open(recipe, "r", encoding="utf-8") as f:
+        documents = [d for d in yaml.safe_load_all(f) if d is not None]
+    with prepared_run(recipe, documents, options, out, [out], [out]):
         with staged_output(out) as staging:
             mergekit_yaml.main(
                 args=[recipe, staging, *args], prog_name="mergekit-yaml", standalone_mode=False

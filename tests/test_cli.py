@@ -58,7 +58,6 @@ def test_usage_error_exits_2(capsys):
 def test_demo_shows_what_each_method_did(tmp_path, capsys):
     code, out, err = run_cli(["demo", str(tmp_path / "demo")], capsys)
     assert code == 0, err
-    from mergekit_lox.demo import module_type  # noqa: F401 - rows are module types
 
     header = next(line for line in out.splitlines() if line.startswith("module"))
     columns = header.split()[1:]

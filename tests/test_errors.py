@@ -19,7 +19,6 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from mergekit_lox.cli import main
 from mergekit_lox.synthetic import load_state_dict, make_tokenizer
 from conftest import run_cli
 
