@@ -409,3 +409,20 @@ def test_safelora_adapter_with_a_misfit_adapter(family, misfit_adapter, tmp_path
         capsys,
     )
     assert_error_line(code, err, "query_proj", "not found in base model")
+
+
+def test_finite_screen_does_not_refuse_finite_values_whose_sum_overflows():
+    """The cheap screen (a float32 sum) overflows on huge but finite weights: the
+    exact elementwise check must then let them through, and still catch a real Inf."""
+    import torch
+    from mergekit.merge_methods.base import TensorGroup
+
+    from mergekit_lox.finite import NonFiniteInputError, require_finite
+
+    huge = torch.full((4, 4), 3e38)
+    assert not torch.isfinite(huge.sum(dtype=torch.float32))
+    require_finite(TensorGroup.from_tensors([huge, huge.clone()], name="w", base_index=0))
+    bad = huge.clone()
+    bad[1, 2] = float("inf")
+    with pytest.raises(NonFiniteInputError, match="w of model 1 holds 1 Inf"):
+        require_finite(TensorGroup.from_tensors([huge, bad], name="w", base_index=0))
