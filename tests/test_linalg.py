@@ -149,6 +149,23 @@ def test_more_power_iterations_before_falling_back():
     assert ref.rel_err(ref.f64(linalg.compose(guarded.factors)), lowrank64(M, k)) < FAST_TOL
 
 
+@pytest.mark.parametrize("shape", [(160, 96), (3, 120, 80)], ids=["matrix", "stack"])
+def test_blocked_passes_agree_with_whole_matrix_passes(shape, monkeypatch):
+    """On CPU, MᵀM Z and the residual pass go by blocks of rows; blocks as small as
+    10 rows (and a last, shorter one) must give the result of whole-matrix passes."""
+    k = 5
+    M = planted(shape, "slow", k, seed=12)
+    whole = linalg.guarded_top_k(M, k, "randomized")
+    monkeypatch.setattr(linalg, "_BLOCK_ELEMENTS", 10 * shape[-1] + 3)
+    assert len(linalg._row_blocks(M)) > 5
+    blocked = linalg.guarded_top_k(M, k, "randomized")
+    assert blocked.randomized.all()
+    torch.testing.assert_close(blocked.bound, whole.bound, rtol=1e-2, atol=1e-7)
+    out = linalg.compose(blocked.factors)
+    torch.testing.assert_close(out, linalg.compose(whole.factors), rtol=0, atol=1e-5)
+    assert ref.rel_err(ref.f64(out), lowrank64(M, k)) < FAST_TOL
+
+
 def test_zero_matrix_is_certified_and_zero():
     guarded = linalg.guarded_top_k(torch.zeros(2, 96, 64), 3, "randomized")
     assert guarded.randomized.all() and torch.equal(guarded.bound, torch.zeros(2))
