@@ -54,6 +54,11 @@ class _PostImportLoader:
         self._wrapped.exec_module(module)
         getattr(sys.modules[__name__], self._callback_name)(module)
 
+    def __getattr__(self, name):
+        # get_source, get_filename, get_resource_reader, ...: the real loader's,
+        # so inspect and importlib.resources keep working on the watched modules.
+        return getattr(self._wrapped, name)
+
 
 class _Finder:
     _mergekit_lox_finder = True

@@ -135,3 +135,16 @@ def test_editable_install_has_the_hook():
     assert (site / "mergekit_lox.pth").exists()
     assert shutil.which("mergekit-lox", path=str(BIN)) is not None
     assert os.path.exists(BIN / "mergekit-yaml")
+
+
+def test_hooked_modules_keep_their_loader_behaviour():
+    """The post-import wrapper must not hide the real loader's methods."""
+    script = (
+        "import inspect, mergekit.plan, mergekit.merge_methods.registry as r\n"
+        "assert 'def register' in inspect.getsource(r)\n"
+        "assert mergekit.plan.__loader__.get_filename('mergekit.plan').endswith('plan.py')\n"
+        "from mergekit.merge_methods import get; get('safelora_project')\n"
+        "print('ok')\n"
+    )
+    result = python("-c", script)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
