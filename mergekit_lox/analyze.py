@@ -35,6 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_lox import linalg
+from mergekit_lox.describe import one_line
 
 TENSOR_KEYS = ("name", "shape", "entropy", "effective_rank", "lssf_rank", "energy_top_k", "r_align")
 FINETUNED_KEYS = ("r_ft", "safelora_cos")
@@ -77,7 +78,7 @@ def resolve_model(role: str, path: str) -> str:
     except Exception as error:  # noqa: BLE001 - offline, unknown repo, no access...
         raise AnalysisError(
             f"{role} model {path}: not a local directory, and fetching it from the Hugging Face "
-            f"hub failed: {_one_line(error)}"
+            f"hub failed: {one_line(error)}"
         ) from error
 
 
@@ -94,7 +95,7 @@ class ModelTensors:
         except Exception as error:  # noqa: BLE001 - any unreadable index is bad input
             raise AnalysisError(
                 f"{role} model {path}: cannot read its weights (need model.safetensors, "
-                f"model.safetensors.index.json or pytorch_model.bin): {_one_line(error)}"
+                f"model.safetensors.index.json or pytorch_model.bin): {one_line(error)}"
             ) from error
         self.shard_of: Dict[str, str] = dict(index.tensor_paths)
         self.loader = LazyTensorLoader(index, lazy_unpickle=True)
@@ -109,12 +110,8 @@ class ModelTensors:
             shard = os.path.join(self.path, self.shard_of.get(name, "?"))
             raise AnalysisError(
                 f"{self.role} model {self.path}: cannot read tensor {name} from {shard}: "
-                f"{_one_line(error)}"
+                f"{one_line(error)}"
             ) from error
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def natural_key(name: str) -> Tuple:
@@ -280,7 +277,7 @@ def resolve_device(device: str) -> torch.device:
         resolved = torch.device(device)
         torch.empty(0, device=resolved)
     except Exception as error:  # noqa: BLE001
-        raise AnalysisError(f"device {device!r} is not usable: {_one_line(error)}") from error
+        raise AnalysisError(f"device {device!r} is not usable: {one_line(error)}") from error
     return resolved
 
 

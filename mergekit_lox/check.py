@@ -27,6 +27,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
 
+from mergekit_lox.describe import one_line
+
 # `owner/name` as the Hugging Face hub spells repository IDs.
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -95,7 +97,7 @@ def _error_text(error: Exception) -> str:
 
     if isinstance(error, ValidationError):
         return "; ".join(e["msg"] for e in error.errors())
-    return " ".join(str(error).split())
+    return one_line(error)
 
 
 # --------------------------------------------------------------------------

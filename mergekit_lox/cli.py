@@ -11,6 +11,8 @@ from typing import List, Optional
 import click
 import typer
 
+from mergekit_lox.describe import one_line
+
 app = typer.Typer(
     name="mergekit-lox",
     help="Safety-subspace weight surgery (LoX, LSSF, Safe LoRA) as mergekit merge methods.",
@@ -209,11 +211,6 @@ def safelora_adapter(
     )
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: usage errors exit 2, every other failure one `error:` line and 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -233,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             sys.exit(error.exit_code)
         if verbose:
             traceback.print_exc()
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(1)
     if result == 130:  # typer's answer to a KeyboardInterrupt outside mergekit's commands
         print("error: interrupted", file=sys.stderr)

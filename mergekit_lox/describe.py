@@ -80,3 +80,8 @@ def unknown_parameter_message(method: str, name: str, known) -> str:
         f"{method} has no parameter {name!r}{closest(name, known)}; "
         f"its parameters are {', '.join(known)}"
     )
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (the CLI's `error:` convention)."""
+    return " ".join(str(error).split()) or type(error).__name__

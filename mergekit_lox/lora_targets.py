@@ -21,6 +21,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Anything a plain LoRA stores for a module: lora_A/lora_B (+ embedding/DoRA variants).
+def module_name(stored: str) -> str:
+    """A stored module path without PEFT's ``base_model.model.`` wrapper prefix."""
+    return stored[len(PEFT_PREFIX):] if stored.startswith(PEFT_PREFIX) else stored
+
+
 _LORA_KEY = re.compile(r"^(?P<module>.+?)\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\b")
 
 
@@ -44,8 +49,7 @@ def adapter_weight_modules(adapter_dir: str) -> Optional[List[str]]:
         for key in f.keys():
             match = _LORA_KEY.match(key)
             if match:
-                module = match.group("module")
-                module = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+                module = module_name(match.group("module"))
                 if module not in modules:
                     modules.append(module)
     return modules

@@ -28,12 +28,10 @@ import yaml
 
 from mergekit_lox import safelora
 from mergekit_lox.finite import require_finite, require_finite_tensor
+from mergekit_lox.lora_targets import ADAPTER_CONFIG, ADAPTER_WEIGHTS, module_name
 from mergekit_lox.roles import ALIGNED, FINETUNED, resolve_roles
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_REPORT = "safelora.json"
-PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 # LoraConfig fields that change what a stored (A, B) pair means; the adapter
 # path supports plain LoRA on linear layers only and refuses the rest.
@@ -361,7 +359,7 @@ def adapter_modules(adapter: str, config, tensors: Mapping[str, torch.Tensor]) -
         key_b = stem + LORA_B
         if key_b not in tensors:
             raise SafeLoRAToolError(f"adapter {adapter}: {key} has no matching {key_b}")
-        module = stem[len(PEFT_PREFIX) :] if stem.startswith(PEFT_PREFIX) else stem
+        module = module_name(stem)
         A, B = tensors[key], tensors[key_b]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise SafeLoRAToolError(

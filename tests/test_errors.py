@@ -359,16 +359,21 @@ def test_tensor_shapes_that_differ_name_the_tensor_and_shapes(family, narrow_mlp
     assert mergekit_never_runs == []
 
 
+def retargeted_copy(adapter: str, path: str, q_proj_as: str) -> str:
+    """A copy of ``adapter`` whose adapter_config.json targets ``q_proj_as`` instead of q_proj."""
+    shutil.copytree(adapter, path)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        config = json.load(f)
+    config["target_modules"] = [q_proj_as if t == "q_proj" else t for t in config["target_modules"]]
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
 @pytest.fixture(scope="module")
 def misfit_adapter(lora_adapter, tmp_path_factory):
     """The fixture adapter with q_proj renamed to query_proj (config and tensors)."""
-    path = str(tmp_path_factory.mktemp("misfit") / "adapter")
-    shutil.copytree(lora_adapter, path)
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = json.load(f)
-    config["target_modules"] = ["query_proj" if t == "q_proj" else t for t in config["target_modules"]]
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
+    path = retargeted_copy(lora_adapter, str(tmp_path_factory.mktemp("misfit") / "adapter"), "query_proj")
     weights = os.path.join(path, "adapter_model.safetensors")
     tensors = {k.replace(".q_proj.", ".query_proj."): v for k, v in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
@@ -390,13 +395,7 @@ def test_adapter_whose_modules_the_model_lacks(family, misfit_adapter, tmp_path,
 
 def test_adapter_config_alone_misspelt_is_caught(family, lora_adapter, tmp_path, capsys):
     """Tensors fine, target_modules misspelt: PEFT would drop the q_proj weights as unexpected."""
-    path = str(tmp_path / "adapter")
-    shutil.copytree(lora_adapter, path)
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        config = json.load(f)
-    config["target_modules"] = ["qproj" if t == "q_proj" else t for t in config["target_modules"]]
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(config, f)
+    path = retargeted_copy(lora_adapter, str(tmp_path / "adapter"), "qproj")
     recipe = write(tmp_path / "recipe.yml", realign(family, "safelora_project", finetuned=f"{family.aligned}+{path}"))
     code, _, err = run_cli(["check", recipe], capsys)
     assert code == 1
