@@ -129,7 +129,8 @@ def test_guard_falls_back_without_a_spectral_gap(mode):
     linalg.reset_svd_counts()
     guarded = linalg.guarded_top_k(M, k, mode)
     assert not guarded.randomized.any()
-    assert linalg.svd_counts() == {"exact": 0, "randomized": 0, "fallback": 1}
+    # No gap at k for the Gram path either: LAPACK's SVD.
+    assert linalg.svd_counts() == {"exact": 0, "randomized": 0, "fallback": 1, "gram": 0}
     exact = linalg.top_k(M, k, "exact")
     for got, want in zip(guarded.factors, exact, strict=True):
         assert torch.allclose(got, want, rtol=0, atol=1e-6)
@@ -143,7 +144,7 @@ def test_guard_falls_back_per_matrix_of_a_stack():
     linalg.reset_svd_counts()
     guarded = linalg.guarded_top_k(stack, k, "randomized")
     assert guarded.randomized.tolist() == [True, False, True]
-    assert linalg.svd_counts() == {"exact": 0, "randomized": 2, "fallback": 1}
+    assert linalg.svd_counts() == {"exact": 0, "randomized": 2, "fallback": 1, "gram": 0}
     # The fallen-back matrix holds the exact factors; the others their certified ones.
     exact_middle = linalg.top_k(stack[1], k, "exact")
     assert torch.allclose(guarded.factors.U[1], exact_middle.U, atol=1e-6)
@@ -234,7 +235,7 @@ def test_noise_floor_is_certified_with_the_defaults():
     assert (tail > 4 * S[:, k - 1]).all()  # |E|_F >= |M - lowrank_k(M)|_F: far above s_k
     linalg.reset_svd_counts()
     guarded = linalg.guarded_top_k(M, k, "auto")
-    assert linalg.svd_counts() == {"exact": 0, "randomized": 2, "fallback": 0}
+    assert linalg.svd_counts() == {"exact": 0, "randomized": 2, "fallback": 0, "gram": 0}
     for error, bound in zip(true_errors(M, guarded.factors, k), guarded.bound.tolist(), strict=True):
         assert error <= bound <= FAST_TOL
 
@@ -282,12 +283,13 @@ def test_certificate_bounds_the_true_error(kind, weak):
 
 @pytest.mark.parametrize("decay", ["0.3", "0.5", "1.0"])
 def test_power_law_without_a_gap_falls_back(decay):
-    """s_i ~ i^-b has no gap at k: no bound is shown and the exact factors are returned."""
+    """s_i ~ i^-b has no gap at k for a sketch: the sketch is not certified, and the float64
+    Gram path (whose rounding is ~1e-13 |M|_F², far inside the gap) is, with exact-grade factors."""
     k = 6
     M = planted((240, 200), "power" + decay, k, seed=5)
     linalg.reset_svd_counts()
     guarded = linalg.guarded_top_k(M, k, "randomized")
-    assert linalg.svd_counts() == {"exact": 0, "randomized": 0, "fallback": 1}
+    assert linalg.svd_counts() == {"exact": 0, "randomized": 0, "fallback": 1, "gram": 1}
     assert not guarded.randomized.item()
     assert true_errors(M, guarded.factors, k)[0] < EXACT_TOL
 
@@ -361,10 +363,12 @@ def test_energy_entropy_top_k(mode):
             r = ref.lssf_rank_of(np.linalg.svd(x, compute_uv=False), x.shape, 0.9)
             assert ranks.reshape(-1)[i].item() == r, (name, i)
             assert ref.rel_err(got[i], ref.lowrank(x, r)) < (FAST_TOL if sketched else EXACT_TOL), (name, i)
-        paths = (
-            {"randomized": len(stack)} if sketched else {"fallback" if mode == "randomized" else "exact": len(stack)}
-        )
-        assert linalg.svd_counts() == {"exact": 0, "randomized": 0, "fallback": 0, **paths}, name
+        if sketched:
+            paths = {"randomized": len(stack)}
+        else:
+            paths = {"fallback" if mode == "randomized" else "exact": len(stack)}
+            paths["gram"] = 0 if mode == "exact" else len(stack)  # auto and fallbacks: the Gram path
+        assert linalg.svd_counts() == {"exact": 0, "randomized": 0, "fallback": 0, "gram": 0, **paths}, name
 
 
 def test_svd_statistics_file_is_written_lazily(tmp_path):
@@ -381,7 +385,7 @@ def test_svd_statistics_file_is_written_lazily(tmp_path):
     stats = tmp_path / "stats.json"
     env = {**os.environ, "MERGEKIT_LOX_SVD_STATS": str(stats)}
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
-    assert json.loads(stats.read_text()) == {"exact": 1, "randomized": 0, "fallback": 0}
+    assert json.loads(stats.read_text()) == {"exact": 1, "randomized": 0, "fallback": 0, "gram": 0}
 
 
 # --- The kernels, with every svd mode, against tests/reference.py -------------
@@ -452,11 +456,11 @@ def test_svd_parameter_in_a_recipe(family, states, run_recipe, tmp_path):
         counts = linalg.svd_counts()
         matrices = sum(1 for tensor in out.values() if tensor.ndim >= 2)
         if mode == "exact":
-            assert counts == {"exact": matrices, "randomized": 0, "fallback": 0}
+            assert counts == {"exact": matrices, "randomized": 0, "fallback": 0, "gram": 0}
         elif rank == 4:
-            assert counts == {"exact": 0, "randomized": matrices, "fallback": 0}
-        else:
-            assert counts == {"exact": 0, "randomized": 0, "fallback": matrices}
+            assert counts == {"exact": 0, "randomized": matrices, "fallback": 0, "gram": 0}
+        else:  # the fallbacks go through the float64 Gram path
+            assert counts == {"exact": 0, "randomized": 0, "fallback": matrices, "gram": matrices}
         for name, tensor in out.items():
             W_a, W_b = ref.f64(states["aligned"][name]), ref.f64(states["base"][name])
             assert ref.rel_err(ref.f64(tensor), ref.lox(W_a, W_b, 1.25, rank)) < EXACT_TOL, name
@@ -471,3 +475,99 @@ def test_unknown_svd_mode_is_rejected(family, run_recipe, tmp_path):
     }
     with pytest.raises(Exception, match="'auto', 'exact' or 'randomized'"):
         run_recipe(recipe, tmp_path / "out")
+
+
+# --- The float64 Gram path (linalg/gram.py) -------------------------------------
+
+
+def gram_term_errors(M: torch.Tensor, spectrum, ranks) -> list:
+    """Per matrix: ``(proven part, output)``: the relative error against float64 of the
+    rank-k term from the float64 vectors (what the bound covers), and of the float32
+    factors the methods use (that part adds float32 products, as the exact path's)."""
+    from mergekit_lox.linalg import gram
+
+    stack = ref.f64(M).reshape(-1, *M.shape[-2:])
+    width = int(ranks.max())
+    got = linalg.lowrank_per_matrix(gram.factors(M, spectrum, width), ranks).double().reshape(stack.shape).numpy()
+    vectors = spectrum.vectors.reshape(len(stack), *spectrum.vectors.shape[-2:]).numpy()
+    errors = []
+    for g, x, W, k in zip(got, stack, vectors, ranks.reshape(-1).tolist(), strict=True):
+        W = W[:, :k]
+        term = W @ (W.T @ x) if spectrum.left else (x @ W) @ W.T
+        truth = ref.lowrank(x, int(k))
+        errors.append((ref.rel_err(term, truth), ref.rel_err(g, truth)))
+    return errors
+
+
+@pytest.mark.parametrize("kind", ["fast", "slow", "power0.3", "power1.0", "noise-floor", "rank-2"])
+@pytest.mark.parametrize("shape", [(3, 90, 200), (3, 200, 90)], ids=["wide", "tall"])
+def test_gram_path_matches_float64_within_its_bound(kind, shape):
+    """Every rank 1..min(m, n) of planted, power-law, noise-floor and exactly rank-2
+    stacks (wide: left vectors; tall: right): the proven bound covers the true error of
+    the rank-k term from the float64 vectors, and the float32 factors are exact-grade
+    wherever the bound is within 1e-3 (directions past the numerical rank carry
+    nothing, so rank 6 of a rank-2 matrix certifies too)."""
+    from mergekit_lox.linalg import gram
+
+    if kind == "noise-floor":
+        M = noise_floor(shape, 6, 6.0, seed=7)
+    elif kind == "rank-2":
+        M = torch.from_numpy(ref.lowrank(ref.f64(planted(shape, "fast", 2, seed=8)), 2)).float()
+    else:
+        M = planted(shape, kind, 6, seed=9)
+    spectrum = gram.spectrum(M)
+    certified = 0
+    for k in (1, 2, 3, 6, 7, 20, 60, 89, 90):
+        ranks = torch.full(shape[:1], k)
+        bounds = gram.term_bound(spectrum, ranks).tolist()
+        for (proven, output), bound in zip(gram_term_errors(M, spectrum, ranks), bounds, strict=True):
+            assert proven <= bound or proven < 1e-14, (k, proven, bound)
+            if bound <= FAST_TOL:
+                certified += 1
+                assert output < EXACT_TOL, (k, output)
+    assert certified >= 3 * 5
+
+
+def test_gram_bound_holds_for_a_large_known_perturbation():
+    """The bound's algebra, exercised far from rounding: eigenpairs of ``G + E`` with a
+    random symmetric ``|E|_2 = e`` of 1e-7 to 1e-3 ``|M|_F²``, and ``e`` as the error.
+    The true error of the rank-k term must stay within the bound at every k and e."""
+    from mergekit_lox.linalg import gram
+
+    generator = torch.Generator().manual_seed(5)
+    for kind in ("slow", "power0.5", "fast"):
+        M = planted((80, 150), kind, 6, seed=12).double()
+        total = M.square().sum()
+        for scale in (1e-7, 1e-5, 1e-3):
+            E = torch.randn(80, 80, generator=generator, dtype=torch.float64)
+            E = E + E.T
+            E *= scale * total / torch.linalg.matrix_norm(E, ord=2)
+            values, vectors = torch.linalg.eigh(M @ M.T + E)
+            spectrum = gram.GramSpectrum(values.flip(-1).clamp_min(0), vectors.flip(-1), True, scale * total, total)
+            for k in (1, 3, 6, 7, 12, 40):
+                W = vectors.flip(-1)[:, :k]
+                error = float(torch.linalg.norm(W @ (W.T @ M) - torch.from_numpy(ref.lowrank(M.numpy(), k))))
+                error /= float(torch.linalg.norm(torch.from_numpy(ref.lowrank(M.numpy(), k))))
+                assert error <= float(gram.term_bound(spectrum, torch.tensor(k))), (kind, scale, k)
+
+
+def test_gram_path_is_used_where_it_applies():
+    """`auto` on float32 CPU matrices: a no-gap power law falls back from the sketch to the
+    Gram path; float64 inputs and `svd: exact` keep LAPACK's SVD; a flat cluster at k
+    (no gap for any method) goes to LAPACK and returns its factors."""
+    M = planted((240, 200), "power0.5", 6, seed=5)
+    for matrix, mode, counts in (
+        (M, "auto", {"fallback": 1, "gram": 1}),
+        (M, "exact", {"exact": 1}),
+        (M.double(), "auto", {"fallback": 1}),
+    ):
+        linalg.reset_svd_counts()
+        factors = linalg.top_k(matrix, 6, mode)
+        assert linalg.svd_counts() == {"exact": 0, "randomized": 0, "fallback": 0, "gram": 0, **counts}, mode
+        assert true_errors(matrix, factors, 6)[0] < EXACT_TOL
+    flat = planted((160, 96), "flat", 5, seed=3)
+    linalg.reset_svd_counts()
+    factors = linalg.top_k(flat, 5, "auto")
+    assert linalg.svd_counts()["gram"] == 0
+    for got, want in zip(factors, linalg.top_k(flat, 5, "exact"), strict=True):
+        assert torch.allclose(got, want, rtol=0, atol=1e-6)

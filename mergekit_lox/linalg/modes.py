@@ -75,7 +75,7 @@ def uses_randomized(shape, k: int, svd: str = "auto", settings: RandomizedSettin
 
 # --- Counters: how many matrices took which path -------------------------------
 
-_COUNTS: Dict[str, int] = {"exact": 0, "randomized": 0, "fallback": 0}
+_COUNTS: Dict[str, int] = {"exact": 0, "randomized": 0, "fallback": 0, "gram": 0}
 _COUNTS_LOCK = threading.Lock()  # mergekit's --multi-gpu runs kernels in threads
 _STATS_ENV = "MERGEKIT_LOX_SVD_STATS"
 _stats_registered = False
@@ -94,9 +94,11 @@ def _count(path: str, matrices: int) -> None:
 
 
 def svd_counts() -> Dict[str, int]:
-    """Matrices decomposed so far in this process: ``exact`` (chosen),
+    """Matrices decomposed so far in this process: ``exact`` (no sketch: chosen),
     ``randomized`` (sketched and certified), ``fallback`` (sketched, not
-    certified, recomputed exactly)."""
+    certified, recomputed without a sketch); ``gram``: how many of the ``exact``
+    and ``fallback`` ones the certified float64 Gram path did (linalg/gram.py;
+    the rest went to LAPACK's SVD)."""
     with _COUNTS_LOCK:
         return dict(_COUNTS)
 

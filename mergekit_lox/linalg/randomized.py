@@ -14,7 +14,7 @@ from typing import NamedTuple, Union
 
 import torch
 
-from mergekit_lox.linalg import certificate, exact
+from mergekit_lox.linalg import certificate, exact, gram
 from mergekit_lox.linalg.exact import Decomposition, full_rank_of, rank_mask
 from mergekit_lox.linalg.modes import RANDOMIZED, RandomizedSettings, SvdMode, _count, uses_randomized
 from mergekit_lox.linalg.passes import (
@@ -82,37 +82,61 @@ class _Check:
         return certificate.error_bound(self.residual, self.residual_t, self.s_k, s_hat, self.top_norm)
 
 
-def _probe_tail(M, ritz: _Ritz, ranks, check: _Check, norm2, settings: RandomizedSettings, hopeful):
-    """``ŝ >= s_{k+1}(M)`` per matrix (certificate step 1), with probability at least
-    ``1 - failure_probability`` each (every step's ŝ holds on the same event, so the
-    smallest is kept). Stops early once every hopeful matrix passes, or cannot: its
-    ŝ, extrapolated to the last step as ``ln ŝ_j ≈ a + b / j``, stays above s~_k."""
-    _, S_top, Vk = ritz.factors
-    weights = (S_top * rank_mask(S_top.shape[-1], ranks, M.device)).square().unsqueeze(-1)
-    generator = seeded_generator(M.device, settings.seed, M.shape, _PROBES)
-    Y = gaussian(M, settings.probes, generator)
-    threshold = settings.probe_threshold()
-    log_scale = torch.zeros(M.shape[:-2], device=M.device, dtype=torch.float64)
-    s_hat = torch.full(M.shape[:-2], torch.inf, device=M.device, dtype=M.dtype)
-    previous = None
-    for step in range(1, settings.probe_steps + 1):
-        # A Y with A = Fᵀ F = MᵀM - V~_k diag(s~_k²) V~_kᵀ.
-        Y = apply_and_gram(M, Y, 0)[1] - Vk.mT @ (weights * (Vk @ Y))
+class _Probe:
+    """Certificate step 1, resumable: ``s_hat >= s_{k+1}(M)`` per matrix with probability
+    at least ``1 - failure_probability`` each. Every step's estimate holds on the same
+    event, so the smallest is kept; ``F`` stays the one of the Ritz vectors it started
+    from, and its bound on ``s_{k+1}(M)`` stays valid whatever the later Ritz vectors."""
+
+    def __init__(self, M, ritz: _Ritz, ranks, norm2, settings: RandomizedSettings):
+        _, S_top, self.Vk = ritz.factors
+        self.M, self.norm2, self.settings = M, norm2, settings
+        self.weights = (S_top * rank_mask(S_top.shape[-1], ranks, M.device)).square().unsqueeze(-1)
+        self.Y = gaussian(M, settings.probes, seeded_generator(M.device, settings.seed, M.shape, _PROBES))
+        self.log_scale = torch.zeros(M.shape[:-2], device=M.device, dtype=torch.float64)
+        self.s_hat = torch.full(M.shape[:-2], torch.inf, device=M.device, dtype=M.dtype)
+        self.steps = 0
+        self.last = self.previous = None
+
+    def step(self) -> None:
+        """``Y <- A Y`` with ``A = Fᵀ F = MᵀM - V~_k diag(s~_k²) V~_kᵀ``: one pass over ``M``."""
+        M, Vk = self.M, self.Vk
+        Y = apply_and_gram(M, self.Y, 0)[1] - Vk.mT @ (self.weights * (Vk @ self.Y))
         top = torch.linalg.vector_norm(Y, dim=-2).amax(dim=-1)
         usable = top > 0
-        log_scale = log_scale + torch.log(torch.where(usable, top, 1.0)).double()
-        estimate = certificate.probe_estimate(torch.where(usable, log_scale, -torch.inf), step, threshold)
-        s_hat = torch.minimum(s_hat, certificate.with_probe_allowance(estimate.to(M.dtype), norm2, M.shape))
-        Y = Y / torch.where(usable, top, 1.0)[..., None, None]
-        done = ~hopeful | (check.bound(s_hat)[0] <= settings.tolerance)
-        if previous is not None:
-            slope = (previous - estimate.log()) * step * (step - 1)
-            final = estimate.log() - slope * (1 / step - 1 / settings.probe_steps)
-            done |= final.exp().to(M.dtype) >= check.s_k
-        if bool(done.all()):
-            break
-        previous = estimate.log()
-    return s_hat
+        self.steps += 1
+        self.log_scale = self.log_scale + torch.log(torch.where(usable, top, 1.0)).double()
+        log_norm = torch.where(usable, self.log_scale, -torch.inf)
+        estimate = certificate.probe_estimate(log_norm, self.steps, self.settings.probe_threshold())
+        self.previous, self.last = self.last, estimate.log()
+        bound = certificate.with_probe_allowance(estimate.to(M.dtype), self.norm2, M.shape)
+        self.s_hat = torch.minimum(self.s_hat, bound)
+        self.Y = Y / torch.where(usable, top, 1.0)[..., None, None]
+
+    def hopeless(self, s_k: torch.Tensor) -> torch.Tensor:
+        """Where ŝ, extrapolated to the last step as ``ln ŝ_j ≈ a + b / j``, stays above s~_k."""
+        if self.previous is None:
+            return torch.zeros_like(s_k, dtype=torch.bool)
+        j = self.steps
+        slope = (self.previous - self.last) * j * (j - 1)
+        final = self.last - slope * (1 / j - 1 / self.settings.probe_steps)
+        return final.exp().to(s_k.dtype) >= s_k
+
+    def show_gaps(self, hopeful: torch.Tensor, s_k: torch.Tensor) -> None:
+        """At least 2 steps, until every hopeful matrix shows its gap (ŝ < s~_k) or cannot."""
+        while self.steps < self.settings.probe_steps:
+            self.step()
+            settled = ~hopeful | (self.s_hat < s_k) | self.hopeless(s_k)
+            if self.steps >= 2 and bool(settled.all()):
+                break
+
+    def tighten(self, targets: torch.Tensor, check: _Check) -> None:
+        """Further steps until every target matrix passes, or cannot."""
+        while self.steps < self.settings.probe_steps:
+            self.step()
+            passed = check.bound(self.s_hat)[0] <= self.settings.tolerance
+            if bool((~targets | passed | self.hopeless(check.s_k)).all()):
+                break
 
 
 def _ranks_of(matrix: torch.Tensor, k: Union[int, torch.Tensor]):
@@ -149,7 +173,7 @@ def guarded_top_k(
     matrices = ranks.numel()
     if not uses_randomized(matrix.shape, k_max, svd, settings) or matrices == 0:
         _count("exact", matrices)
-        return _exact_top_k(matrix, k_max)
+        return _exact_top_k(matrix, ranks, k_max, svd, settings)
 
     M = matrix
     Z = gaussian(M, k_max + settings.oversample, seeded_generator(M.device, settings.seed, M.shape, _SKETCH))
@@ -162,8 +186,8 @@ def guarded_top_k(
     iterations = settings.power_iterations
     if values is not None and not _may_show_a_gap(values, ranks, settings):
         _count("fallback", matrices)
-        return _exact_top_k(matrix, k_max)
-    s_hat = norm2 = None
+        return _exact_top_k(matrix, ranks, k_max, svd, settings)
+    probe = norm2 = None
     while True:
         ritz = _ritz(M, Z, k_max)
         s_k, s_next = _at(ritz.S, ranks - 1), _at(ritz.S, ranks)
@@ -178,12 +202,19 @@ def guarded_top_k(
         check = _Check(ritz, ranks, norm2, MV, s_k)
         zero = norm2 == 0
         hopeful = gap & ~zero
-        if s_hat is None and bool(hopeful.any()):
-            s_hat = _probe_tail(M, ritz, ranks, check, norm2, settings, hopeful)
-        if s_hat is None:
+        if probe is None and bool(hopeful.any()):
+            # First show the gap (or that there is none); tighten ŝ later if the bound needs it.
+            probe = _Probe(M, ritz, ranks, norm2, settings)
+            probe.show_gaps(hopeful, s_k)
+        if probe is None:
             bound = torch.full_like(s_k, torch.inf)
             break
-        bound, shown = check.bound(s_hat)
+        bound, shown = check.bound(probe.s_hat)
+        best, _ = check.bound(s_next)  # the bound if ŝ were as small as it can be
+        tighten = hopeful & shown & (bound > settings.tolerance) & (best <= settings.tolerance)
+        if bool(tighten.any()):
+            probe.tighten(tighten, check)
+            bound, shown = check.bound(probe.s_hat)
         # More power steps shrink the residuals, not ŝ: take them only where the
         # predicted number fits in what is left (else the matrix falls back now).
         left = settings.max_power_iterations - iterations
@@ -206,8 +237,8 @@ def guarded_top_k(
     _count("randomized", n_passed)
     if n_passed < matrices:
         _count("fallback", matrices - n_passed)
-        factors = _exact_where_failed(matrix, factors, passed, k_max)
-        bound = torch.where(passed, bound, 0.0)
+        factors, redone_bound = _exact_where_failed(matrix, factors, passed, ranks, k_max, svd, settings)
+        bound = torch.where(passed, bound, redone_bound)
     return GuardedTopK(factors, passed, bound)
 
 
@@ -219,28 +250,65 @@ def _may_show_a_gap(values: torch.Tensor, ranks: torch.Tensor, settings: Randomi
     return bool((gap | (values[..., 0] == 0)).any())
 
 
-def _exact_top_k(matrix: torch.Tensor, k_max: int) -> GuardedTopK:
-    """Every matrix of the stack by the exact SVD (not counted here)."""
-    U, S, Vh = exact.svd(matrix)
+def _exact_top_k(
+    matrix: torch.Tensor, ranks: torch.Tensor, k_max: int, svd: SvdMode, settings: RandomizedSettings
+) -> GuardedTopK:
+    """Every matrix of the stack without a sketch (the caller counts the path):
+    through the float64 Gram matrix where ``svd`` is not ``exact`` and it applies
+    (linalg/gram.py), each matrix kept where its proven bound at its rank is within
+    the tolerance; LAPACK's SVD for the rest (and for ``svd: exact``)."""
     zeros = torch.zeros(matrix.shape[:-2], device=matrix.device, dtype=matrix.dtype)
-    return GuardedTopK(Decomposition(U[..., :k_max], S[..., :k_max], Vh[..., :k_max, :]), zeros.bool(), zeros)
+    if svd == "exact" or not gram.applies(matrix):
+        U, S, Vh = exact.svd(matrix)
+        return GuardedTopK(Decomposition(U[..., :k_max], S[..., :k_max], Vh[..., :k_max, :]), zeros.bool(), zeros)
+    spectrum = gram.spectrum(matrix)
+    bound = gram.term_bound(spectrum, ranks)
+    passed = bound <= settings.tolerance
+    factors = gram.factors(matrix, spectrum, k_max)
+    n_passed = int(passed.sum())
+    _count("gram", n_passed)
+    if n_passed < passed.numel():
+        factors = _replace(matrix, factors, ~passed, k_max, exact.svd)
+    return GuardedTopK(factors, zeros.bool(), torch.where(passed, bound, 0.0).to(matrix.dtype))
 
 
 def _exact_where_failed(
-    matrix: torch.Tensor, factors: Decomposition, passed: torch.Tensor, k_max: int
-) -> Decomposition:
-    """Replace the factors of the matrices that failed the certificate by exact ones."""
-    m, n = matrix.shape[-2:]
+    matrix: torch.Tensor,
+    factors: Decomposition,
+    passed: torch.Tensor,
+    ranks: torch.Tensor,
+    k_max: int,
+    svd: SvdMode,
+    settings: RandomizedSettings,
+):
+    """Replace the factors of the matrices that failed the certificate by ``_exact_top_k``'s;
+    returns them and the bound of each redone matrix (0 where LAPACK's)."""
     if not bool(passed.any()):
-        U, S, Vh = exact.svd(matrix)
-        return Decomposition(U[..., :k_max], S[..., :k_max], Vh[..., :k_max, :])
+        redone = _exact_top_k(matrix, ranks, k_max, svd, settings)
+        return redone.factors, redone.bound
+    m, n = matrix.shape[-2:]
     failed = torch.nonzero(~passed.reshape(-1)).squeeze(-1)
+    subset = matrix.reshape(-1, m, n)[failed]
+    redone = _exact_top_k(subset, ranks.reshape(-1)[failed], k_max, svd, settings)
+    factors = _replace(matrix, factors, ~passed, k_max, lambda _: redone.factors)
+    bound = torch.zeros(passed.numel(), device=matrix.device, dtype=matrix.dtype)
+    bound[failed] = redone.bound
+    return factors, bound.reshape(passed.shape)
+
+
+def _replace(matrix: torch.Tensor, factors: Decomposition, where: torch.Tensor, k_max: int, decompose) -> Decomposition:
+    """``factors`` with the matrices ``where`` is True replaced by ``decompose(those matrices)``."""
+    m, n = matrix.shape[-2:]
+    if matrix.ndim == 2:
+        U, S, Vh = decompose(matrix)
+        return Decomposition(U[..., :k_max], S[..., :k_max], Vh[..., :k_max, :])
+    chosen = torch.nonzero(where.reshape(-1)).squeeze(-1)
     U = factors.U.reshape(-1, m, k_max).clone()
     S = factors.S.reshape(-1, k_max).clone()
     Vh = factors.Vh.reshape(-1, k_max, n).clone()
-    redone = exact.svd(matrix.reshape(-1, m, n)[failed])
-    U[failed] = redone.U[..., :k_max]
-    S[failed] = redone.S[..., :k_max]
-    Vh[failed] = redone.Vh[..., :k_max, :]
+    redone = decompose(matrix.reshape(-1, m, n)[chosen])
+    U[chosen] = redone.U[..., :k_max]
+    S[chosen] = redone.S[..., :k_max]
+    Vh[chosen] = redone.Vh[..., :k_max, :]
     shape = matrix.shape[:-2]
     return Decomposition(U.reshape(*shape, m, k_max), S.reshape(*shape, k_max), Vh.reshape(*shape, k_max, n))

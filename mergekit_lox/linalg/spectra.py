@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from mergekit_lox.linalg import exact
+from mergekit_lox.linalg import exact, gram
 from mergekit_lox.linalg.certificate import unit_roundoff
 from mergekit_lox.linalg.exact import Decomposition, full_rank_of, nonzero_mask
 from mergekit_lox.linalg.modes import RANDOMIZED, RandomizedSettings, SvdMode, _count, check_svd_mode, uses_randomized
@@ -157,15 +157,18 @@ def energy_entropy_top_k(
 ) -> EntropyTopK:
     """LSSF's automatic rank and the top-r triplets of each matrix of a stack.
 
-    ``exact`` and ``auto``: one exact SVD, whose values set the ranks. (The rule's
-    rank falls where the spectrum decays smoothly on every realistic spectrum we
-    measured, so no sketch of the top-r vectors could be certified there; the
-    exact SVD is then the cheapest shown path: docs/performance.md.)
+    ``exact``: one LAPACK SVD, whose values set the ranks. ``auto``: the float64
+    Gram path (linalg/gram.py: every value, and the top-r vectors with a proven
+    bound at each matrix's rank) where it applies and certifies, else one LAPACK
+    SVD. (The rule's rank falls where the spectrum decays smoothly on every
+    realistic spectrum we measured, so no sketch of the top-r vectors could be
+    certified there: docs/performance.md.)
     ``randomized``: the ranks from ``energy_entropy_rank`` (Gram eigenvalues, no
     vectors); where every matrix of the stack has a certified rank, a gap at it
     in those values (``min_relative_gap``) and a sketchable width, the triplets
     come from ``guarded_top_k`` (certified per matrix, or exact); otherwise one
-    exact SVD of the stack, counted as a fallback. Factors are ``[..., :max(ranks)]``.
+    decomposition of the stack as ``auto``'s, counted as a fallback. Factors are
+    ``[..., :max(ranks)]``.
     """
     matrices = math.prod(matrix.shape[:-2])
     if check_svd_mode(svd) == "randomized" and uses_randomized(matrix.shape, 1, svd, settings) and matrices:
@@ -180,6 +183,14 @@ def energy_entropy_top_k(
         _count("fallback", matrices)
     else:
         _count("exact", matrices)
+    if svd != "exact" and gram.applies(matrix):
+        spectrum = gram.spectrum(matrix)
+        # The rule on the Gram values, with the float32 cutoff of nonzero_mask (the
+        # values themselves are accurate to e = ~1e-12 |M|_F², far inside it).
+        ranks = energy_entropy_ranks(spectrum.values.sqrt().to(matrix.dtype), matrix.shape, eta)
+        if bool((gram.term_bound(spectrum, ranks) <= settings.tolerance).all()):
+            _count("gram", matrices)
+            return EntropyTopK(gram.factors(matrix, spectrum, int(ranks.max())), ranks)
     U, S, Vh = exact.svd(matrix)
     ranks = energy_entropy_ranks(S, matrix.shape, eta)
     width = int(ranks.max()) if matrices else 1
