@@ -1,11 +1,12 @@
-"""Per-matrix cost of the certified randomized path against the exact SVD (not a test).
+"""Per-matrix cost of ``svd: auto`` (certified sketch, else the certified float64 Gram
+path, else LAPACK) against LAPACK's exact SVD (not a test).
 
 For each family of bench_models.FAMILIES and each matrix shape of a Llama layer
 (70M and hidden-2048 shapes), it builds one delta matrix with that family's
 spectrum and times, interleaved, ``--repeats`` times each (medians reported):
 the exact SVD (``linalg.svd``) and ``linalg.guarded_top_k(M, k, "auto")``;
-it reports the path the certificate took, the time against the exact SVD (for a
-fallback, ``guarded / exact - 1`` is the wasted sketch), the certified bound and
+it reports the path taken ("fallback to Gram": the sketch was not certified, the Gram path
+was), the time against the exact SVD, the certified bound and
 the true error of the low-rank term against a float64 SVD.
 
     python benchmarks/bench_certificate.py                    # 70M shapes, k = 6
@@ -60,7 +61,10 @@ def measure(M: torch.Tensor, k: int, repeats: int) -> dict:
         guarded.append(timed(lambda: linalg.guarded_top_k(M, k, "auto")))
     linalg.reset_svd_counts()
     result = linalg.guarded_top_k(M, k, "auto")
-    path = max(linalg.svd_counts().items(), key=lambda item: item[1])[0]
+    counts = linalg.svd_counts()
+    path = "randomized" if counts["randomized"] else ("fallback" if counts["fallback"] else "exact")
+    if counts["gram"]:
+        path += " to Gram"  # the float64 Gram path (linalg/gram.py) did the decomposition
     U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
     truth = (U[:, :k] * S[:k]) @ Vh[:k]
     error = float((linalg.compose(result.factors).double() - truth).norm() / truth.norm())

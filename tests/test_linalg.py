@@ -571,3 +571,30 @@ def test_gram_path_is_used_where_it_applies():
     assert linalg.svd_counts()["gram"] == 0
     for got, want in zip(factors, linalg.top_k(flat, 5, "exact"), strict=True):
         assert torch.allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 120, 260), (2, 260, 120)], ids=["wide", "tall"])
+def test_energy_entropy_lowrank_through_the_complement(shape, monkeypatch):
+    """LSSF's term with its automatic rank: on a noise floor the rule keeps more than half
+    the directions and `auto` forms ``M - P_c M`` from the trailing Gram vectors (the top-r
+    factors are never built); on a fast-decaying spectrum the ranks are small and the
+    factors are used. Either way: the reference's rank and its low-rank term, per matrix."""
+    from mergekit_lox.linalg import gram
+
+    cases = {"noise-floor": noise_floor(shape, 6, 6.0, seed=17), "fast": planted(shape, "fast", 4, seed=18)}
+    build_factors = gram.factors
+    used = []
+    monkeypatch.setattr(gram, "factors", lambda *a, **k: used.append(1) or build_factors(*a, **k))
+    for name, M in cases.items():
+        used.clear()
+        linalg.reset_svd_counts()
+        term, ranks = linalg.energy_entropy_lowrank(M, 0.9, "auto")
+        assert linalg.svd_counts() == {"exact": 2, "randomized": 0, "fallback": 0, "gram": 2}, name
+        stack = ref.f64(M)
+        for i, x in enumerate(stack):
+            r = ref.lssf_rank_of(np.linalg.svd(x, compute_uv=False), x.shape, 0.9)
+            assert ranks[i].item() == r, (name, i)
+            assert ref.rel_err(ref.f64(term[i]), ref.lowrank(x, r)) < EXACT_TOL, (name, i)
+        complement = bool((ranks > min(shape[-2:]) // 2).all())
+        assert complement == (name == "noise-floor")
+        assert bool(used) != complement, name

@@ -10,10 +10,13 @@ Top-k subspaces come from one of two paths, chosen by ``svd`` (``modes``):
 
 - ``exact``: LAPACK / cuSOLVER thin SVD (``exact``);
 - ``randomized``: a Gaussian sketch with power iterations, certified per matrix
-  (``randomized``, ``certificate``) and replaced by the exact SVD wherever the
-  bound on the error of the low-rank term cannot be shown below 1e-3;
+  (``randomized``, ``certificate``); a matrix whose bound on the error of the
+  low-rank term cannot be shown below 1e-3 is recomputed without a sketch;
 - ``auto`` (what the methods default to): randomized where its sketch is at
-  most a quarter of the smaller dimension, exact otherwise.
+  most a quarter of the smaller dimension; everything else (and the fallbacks)
+  through the smaller Gram matrix in float64 on CPU (``gram``, with a proven
+  rounding bound), LAPACK where that bound is above 1e-3, for float64 inputs
+  and on CUDA.
 
 ``spectra`` has the entropies and the ranks chosen from them (LSSF's rule,
 with a path that needs no full SVD). docs/performance.md has the derivations
@@ -52,6 +55,7 @@ from mergekit_lox.linalg.spectra import (
     EntropyRank,
     EntropyTopK,
     effective_rank,
+    energy_entropy_lowrank,
     energy_entropy_rank,
     energy_entropy_ranks,
     energy_entropy_top_k,
@@ -74,6 +78,7 @@ __all__ = [
     "compose",
     "compute_dtype",
     "effective_rank",
+    "energy_entropy_lowrank",
     "energy_entropy_rank",
     "energy_entropy_ranks",
     "energy_entropy_top_k",

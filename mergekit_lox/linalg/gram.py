@@ -7,8 +7,8 @@ For a float32 ``M`` (``m x n``; ``A = M`` when ``m <= n``, else ``Mᵀ``, so tha
     G = W diag(λ) Wᵀ                  (torch.linalg.eigh, λ descending)
     S_i = sqrt(λ_i),  W = U (m <= n) or V (m > n)
 
-On CPU this is several times cheaper than LAPACK's float32 SVD at the shapes of
-an LLM (2048 x 5632: 1.4 s against 5.1 s on 2 threads, docs/performance.md), and
+On CPU this is 1.1 to 1.7 times cheaper than LAPACK's float32 SVD at the shapes of
+an LLM (2048 x 5632: 1.5 s against 2.6 s on 2 threads, docs/performance.md), and
 it gives every singular value, which LSSF's automatic rank needs.
 
 What is proven (docs/performance.md, "The Gram path"): the computed eigenpairs

@@ -201,6 +201,16 @@ def fusion_factors(aligned: torch.Tensor, base: torch.Tensor, **parameters) -> T
     return terms.B, terms.A
 
 
+def _plain_automatic(parameters: dict) -> bool:
+    """Data-free, automatic rank, top_weight 1, ``svd: auto``: the merge needs only the term."""
+    return (
+        parameters.get("basis") is None
+        and parameters.get("rank", 0) == 0
+        and parameters.get("top_weight", 1.0) == 1.0
+        and parameters.get("svd", "auto") == "auto"
+    )
+
+
 def fuse(finetuned: torch.Tensor, aligned: torch.Tensor, base: torch.Tensor, **parameters) -> torch.Tensor:
     """The pure LSSF formula; returns the result in ``finetuned``'s dtype.
 
@@ -209,8 +219,14 @@ def fuse(finetuned: torch.Tensor, aligned: torch.Tensor, base: torch.Tensor, **p
     """
     if finetuned.ndim < 2:
         return finetuned
-    B, A, _ = fusion_terms(aligned, base, **parameters)
     dtype = linalg.compute_dtype(finetuned)
+    if _plain_automatic(parameters):
+        # top_weight 1: U' U'^T tau = lowrank_r(tau), which the Gram path forms through
+        # the complement when r passes half the smaller side (linalg.energy_entropy_lowrank).
+        tau = aligned.to(dtype) - base.to(dtype)
+        term, _ = linalg.energy_entropy_lowrank(tau, parameters.get("eta", DEFAULT_ETA), "auto")
+        return torch.add(finetuned.to(dtype), term, alpha=parameters.get("scale", 1.0)).to(finetuned.dtype)
+    B, A, _ = fusion_terms(aligned, base, **parameters)
     return linalg.add_product(finetuned.to(dtype), B, A).to(finetuned.dtype)
 
 
