@@ -423,3 +423,28 @@ def test_outputs_get_the_usual_permissions(family, lora_adapter, tmp_path, capsy
         assert stat.S_IMODE(os.stat(folder).st_mode) == usual
     with open(adapter_out / "safelora.json") as f:
         json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"{c} in safelora.json"))
+
+
+def test_kernels_never_return_an_input_tensor():
+    """A result that is an input (LoX's and LSSF's 1-D weights, Safe LoRA's unprojected
+    W_f) comes back as a copy: mergekit's writer keeps results until their shard is
+    written, and a kept input would keep its whole memory-mapped shard resident
+    (docs/performance.md, the full 1B shape). Values are unchanged."""
+    from mergekit.merge_methods import merge_tensors
+
+    import mergekit_lox  # noqa: F401
+
+    generator = torch.Generator().manual_seed(3)
+    base, aligned, finetuned = (torch.randn(24, 16, generator=generator) for _ in range(3))
+    norm_base, norm_aligned, norm_finetuned = (torch.randn(16, generator=generator) for _ in range(3))
+    cases = [
+        ([norm_base, norm_aligned], "lox_extrapolate", {}, norm_aligned),
+        ([norm_base, norm_aligned, norm_finetuned], "lssf_fusion", {}, norm_finetuned),
+        ([base, aligned, finetuned], "safelora_project", {"threshold": -1.0}, finetuned),  # never projected
+    ]
+    for tensors, method, parameters, passed_through in cases:
+        roles = {} if method == "lox_extrapolate" else {"role": {1: "aligned", 2: "finetuned"}}
+        out = merge_tensors(tensors, method, base_index=0, parameters={**parameters, **roles})
+        assert torch.equal(out, passed_through), method
+        pointers = {t.untyped_storage().data_ptr() for t in tensors}
+        assert out.untyped_storage().data_ptr() not in pointers, method

@@ -88,6 +88,22 @@ def role_tensors(requirement: RoleRequirement, group, role) -> dict:
     return {"base": group.base.tensor, **{name: by_id[model] for name, model in roles.items()}}
 
 
+def owned_result(result: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """``result``, or a copy of it where it is one of the kernel's ``inputs`` (or a view of one).
+
+    Kernels pass inputs through (1-D weights; Safe LoRA's unprojected W_f), and
+    mergekit's writer keeps every result until its output shard is written: a
+    kept input tensor keeps its memory-mapped shard mapped, with every page of it
+    read so far resident (measured at the 1B shape: LoX held two 1.9 GB shards of
+    the aligned model where `linear` held one 0.8 GB shard per model; this copy
+    brings it back, as mergekit's own ``--clone-tensors`` would for every tensor).
+    """
+    pointer = result.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == pointer for t in inputs.values()):
+        return result.clone()
+    return result
+
+
 # --------------------------------------------------------------------------- finite inputs
 # A single NaN in an input spreads through an SVD into a whole output matrix, or
 # makes ``torch.linalg.svd`` fail with a message that names neither the tensor

@@ -25,7 +25,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, NonNegativeInt
 
 from mergekit_lox import linalg
-from mergekit_lox.methods.inputs import ALIGNED, RoleRequirement, role_tensors
+from mergekit_lox.methods.inputs import ALIGNED, RoleRequirement, owned_result, role_tensors
 from mergekit_lox.methods.registration import register_method
 
 NAME = "lox_extrapolate"
@@ -95,7 +95,7 @@ def lox_extrapolate(
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
-    return extrapolate(inputs[ALIGNED], inputs["base"], alpha, rank, svd)
+    return owned_result(extrapolate(inputs[ALIGNED], inputs["base"], alpha, rank, svd), inputs)
 
 
 METHOD = lox_extrapolate

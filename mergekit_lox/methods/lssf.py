@@ -41,7 +41,14 @@ from typing_extensions import Annotated
 
 from mergekit_lox import linalg
 from mergekit_lox.methods import subspace as subspace_files
-from mergekit_lox.methods.inputs import ALIGNED, FINETUNED, RoleRequirement, role_tensors, warn_low_precision
+from mergekit_lox.methods.inputs import (
+    ALIGNED,
+    FINETUNED,
+    RoleRequirement,
+    owned_result,
+    role_tensors,
+    warn_low_precision,
+)
 from mergekit_lox.methods.registration import register_method
 
 NAME = "lssf_fusion"
@@ -344,7 +351,7 @@ def lssf_fusion(
             _record(subspace, "calibrated", group.metadata.name)
             if int(_ranks(basis[1], finetuned.shape, eta, rank)) > basis[0].shape[1]:
                 _record(subspace, "clamped", group.metadata.name)
-    return fuse(
+    merged = fuse(
         finetuned,
         inputs[ALIGNED],
         inputs["base"],
@@ -355,6 +362,7 @@ def lssf_fusion(
         basis=basis,
         svd=svd,
     )
+    return owned_result(merged, inputs)
 
 
 METHOD = lssf_fusion

@@ -30,7 +30,14 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, PositiveInt
 
 from mergekit_lox import linalg
-from mergekit_lox.methods.inputs import ALIGNED, FINETUNED, RoleRequirement, role_tensors, warn_low_precision
+from mergekit_lox.methods.inputs import (
+    ALIGNED,
+    FINETUNED,
+    RoleRequirement,
+    owned_result,
+    role_tensors,
+    warn_low_precision,
+)
 from mergekit_lox.methods.registration import register_method
 
 NAME = "safelora_project"
@@ -154,15 +161,8 @@ def safelora_project(
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
     warn_low_precision(NAME, inputs[FINETUNED])
-    return project(
-        inputs[FINETUNED],
-        inputs[ALIGNED],
-        inputs["base"],
-        threshold,
-        projection,
-        rank,
-        svd,
-    )
+    merged = project(inputs[FINETUNED], inputs[ALIGNED], inputs["base"], threshold, projection, rank, svd)
+    return owned_result(merged, inputs)
 
 
 METHOD = safelora_project
