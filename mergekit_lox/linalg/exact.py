@@ -19,6 +19,10 @@ class Decomposition(NamedTuple):
     S: torch.Tensor
     Vh: torch.Tensor
 
+    def leading(self, k: int) -> "Decomposition":
+        """The first ``k`` triplets of each matrix."""
+        return Decomposition(self.U[..., :k], self.S[..., :k], self.Vh[..., :k, :])
+
 
 def full_rank_of(matrix: torch.Tensor) -> int:
     return min(matrix.shape[-2], matrix.shape[-1])

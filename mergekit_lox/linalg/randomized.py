@@ -259,8 +259,7 @@ def _exact_top_k(
     the tolerance; LAPACK's SVD for the rest (and for ``svd: exact``)."""
     zeros = torch.zeros(matrix.shape[:-2], device=matrix.device, dtype=matrix.dtype)
     if svd == "exact" or not gram.applies(matrix):
-        U, S, Vh = exact.svd(matrix)
-        return GuardedTopK(Decomposition(U[..., :k_max], S[..., :k_max], Vh[..., :k_max, :]), zeros.bool(), zeros)
+        return GuardedTopK(exact.svd(matrix).leading(k_max), zeros.bool(), zeros)
     spectrum = gram.spectrum(matrix)
     bound = gram.term_bound(spectrum, ranks)
     passed = bound <= settings.tolerance
@@ -268,7 +267,8 @@ def _exact_top_k(
     n_passed = int(passed.sum())
     _count("gram", n_passed)
     if n_passed < passed.numel():
-        factors = _replace(matrix, factors, ~passed, k_max, exact.svd)
+        failed = _indices(~passed)
+        factors = _replace(factors, failed, exact.svd(_matrices(matrix, failed)).leading(k_max))
     return GuardedTopK(factors, zeros.bool(), torch.where(passed, bound, 0.0).to(matrix.dtype))
 
 
@@ -286,29 +286,30 @@ def _exact_where_failed(
     if not bool(passed.any()):
         redone = _exact_top_k(matrix, ranks, k_max, svd, settings)
         return redone.factors, redone.bound
-    m, n = matrix.shape[-2:]
-    failed = torch.nonzero(~passed.reshape(-1)).squeeze(-1)
-    subset = matrix.reshape(-1, m, n)[failed]
-    redone = _exact_top_k(subset, ranks.reshape(-1)[failed], k_max, svd, settings)
-    factors = _replace(matrix, factors, ~passed, k_max, lambda _: redone.factors)
+    failed = _indices(~passed)
+    redone = _exact_top_k(_matrices(matrix, failed), ranks.reshape(-1)[failed], k_max, svd, settings)
     bound = torch.zeros(passed.numel(), device=matrix.device, dtype=matrix.dtype)
     bound[failed] = redone.bound
-    return factors, bound.reshape(passed.shape)
+    return _replace(factors, failed, redone.factors), bound.reshape(passed.shape)
 
 
-def _replace(matrix: torch.Tensor, factors: Decomposition, where: torch.Tensor, k_max: int, decompose) -> Decomposition:
-    """``factors`` with the matrices ``where`` is True replaced by ``decompose(those matrices)``."""
-    m, n = matrix.shape[-2:]
-    if matrix.ndim == 2:
-        U, S, Vh = decompose(matrix)
-        return Decomposition(U[..., :k_max], S[..., :k_max], Vh[..., :k_max, :])
-    chosen = torch.nonzero(where.reshape(-1)).squeeze(-1)
-    U = factors.U.reshape(-1, m, k_max).clone()
-    S = factors.S.reshape(-1, k_max).clone()
-    Vh = factors.Vh.reshape(-1, k_max, n).clone()
-    redone = decompose(matrix.reshape(-1, m, n)[chosen])
-    U[chosen] = redone.U[..., :k_max]
-    S[chosen] = redone.S[..., :k_max]
-    Vh[chosen] = redone.Vh[..., :k_max, :]
-    shape = matrix.shape[:-2]
-    return Decomposition(U.reshape(*shape, m, k_max), S.reshape(*shape, k_max), Vh.reshape(*shape, k_max, n))
+def _indices(where: torch.Tensor) -> torch.Tensor:
+    """Positions in the flattened stack where ``where`` is True."""
+    return torch.nonzero(where.reshape(-1)).squeeze(-1)
+
+
+def _matrices(matrix: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The matrices at ``indices`` of the flattened stack, as ``[len(indices), m, n]``."""
+    return matrix.reshape(-1, *matrix.shape[-2:])[indices]
+
+
+def _replace(factors: Decomposition, indices: torch.Tensor, redone: Decomposition) -> Decomposition:
+    """``factors`` with the matrices at ``indices`` of the flattened stack replaced by
+    ``redone``'s, in order (a 2-D matrix is a stack of one)."""
+    batch = factors.S.shape[:-1]
+    replaced = []
+    for old, new in zip(factors, redone, strict=True):
+        flat = old.reshape(-1, *old.shape[len(batch) :]).clone()
+        flat[indices] = new
+        replaced.append(flat.reshape(old.shape))
+    return Decomposition(*replaced)

@@ -189,10 +189,9 @@ def energy_entropy_top_k(
             spectrum, ranks = certified
             _count("gram", matrices)
             return EntropyTopK(gram.factors(matrix, spectrum, int(ranks.max())), ranks)
-    U, S, Vh = exact.svd(matrix)
-    ranks = energy_entropy_ranks(S, matrix.shape, eta)
-    width = int(ranks.max()) if matrices else 1
-    return EntropyTopK(Decomposition(U[..., :width], S[..., :width], Vh[..., :width, :]), ranks)
+    factors = exact.svd(matrix)
+    ranks = energy_entropy_ranks(factors.S, matrix.shape, eta)
+    return EntropyTopK(factors.leading(int(ranks.max()) if matrices else 1), ranks)
 
 
 def _gram_ranks(matrix: torch.Tensor, eta: float, settings: RandomizedSettings):
@@ -220,7 +219,9 @@ def energy_entropy_lowrank(
     """
     if check_svd_mode(svd) == "auto" and gram.applies(matrix):
         certified = _gram_ranks(matrix, eta, settings)
-        if certified is not None:
+        if certified is None:
+            svd = "exact"  # the Gram path does not certify: LAPACK, without a second Gram pass
+        else:
             spectrum, ranks = certified
             matrices = math.prod(matrix.shape[:-2])
             _count("exact", matrices)
