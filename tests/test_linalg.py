@@ -528,6 +528,55 @@ def test_gram_path_matches_float64_within_its_bound(kind, shape):
     assert certified >= 3 * 5
 
 
+@pytest.mark.parametrize("kind", ["slow", "power0.3", "noise-floor"])
+@pytest.mark.parametrize("shape", [(2, 120, 260), (2, 260, 120)], ids=["wide", "tall"])
+def test_gram_top_pairs_match_the_full_spectrum(kind, shape):
+    """The Gram product (dsyrk, blocks of columns) is A Aᵀ in float64 to rounding, lower
+    triangle; the top-t pairs (dsyevx, what `_exact_top_k` asks for) are the full
+    decomposition's top t, and their bound covers the true error of the rank-k term."""
+    from mergekit_lox.linalg import gram
+
+    M = noise_floor(shape, 6, 6.0, seed=4) if kind == "noise-floor" else planted(shape, kind, 6, seed=6)
+    A = M if shape[-2] <= shape[-1] else M.mT
+    G = gram._gram64(A)
+    truth = A.double() @ A.double().mT
+    assert torch.equal(torch.triu(G, 1), torch.zeros_like(G))
+    assert float((torch.tril(truth) - G).abs().max() / truth.abs().max()) < 1e-13
+    full = gram.spectrum(M)
+    for k in (1, 6, 7, 20):
+        top = gram.spectrum(M, top=k + 1)
+        assert top.values.shape[-1] == k + 1 and top.size == full.size == 120
+        scale = float(full.values[..., 0].max())
+        assert float((top.values - full.values[..., : k + 1]).abs().max()) < 1e-12 * scale
+        ranks = torch.full(shape[:1], k)
+        bounds = gram.term_bound(top, ranks)
+        assert torch.allclose(bounds, gram.term_bound(full, ranks), rtol=1e-6, atol=1e-12)
+        for (proven, output), bound in zip(gram_term_errors(M, top, ranks), bounds.tolist(), strict=True):
+            assert proven <= bound or proven < 1e-14, (k, proven, bound)
+            if bound <= FAST_TOL:
+                assert output < EXACT_TOL, (k, output)
+
+
+def test_gram_path_blas_threads_follow_the_side():
+    """SciPy's OpenBLAS runs on one thread for a Gram side below `_PARALLEL_SIDE` (its idle
+    pool would spin and starve torch's threads), on torch's thread count above, and is
+    restored afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from mergekit_lox.linalg import gram
+
+    def openblas_threads():
+        return {info["num_threads"] for info in threadpool_info() if info["internal_api"] == "openblas"}
+
+    before = openblas_threads()
+    assert before
+    with gram._blas_threads(gram._PARALLEL_SIDE - 1):
+        assert openblas_threads() == {1}
+    with gram._blas_threads(gram._PARALLEL_SIDE):
+        assert openblas_threads() == {torch.get_num_threads()}
+    assert openblas_threads() == before
+
+
 def test_gram_bound_holds_for_a_large_known_perturbation():
     """The bound's algebra, exercised far from rounding: eigenpairs of ``G + E`` with a
     random symmetric ``|E|_2 = e`` of 1e-7 to 1e-3 ``|M|_F²``, and ``e`` as the error.
@@ -543,12 +592,18 @@ def test_gram_bound_holds_for_a_large_known_perturbation():
             E = E + E.T
             E *= scale * total / torch.linalg.matrix_norm(E, ord=2)
             values, vectors = torch.linalg.eigh(M @ M.T + E)
-            spectrum = gram.GramSpectrum(values.flip(-1).clamp_min(0), vectors.flip(-1), True, scale * total, total)
+            spectrum = gram.GramSpectrum(values.flip(-1).clamp_min(0), vectors.flip(-1), True, scale * total, total, 80)
             for k in (1, 3, 6, 7, 12, 40):
                 W = vectors.flip(-1)[:, :k]
                 error = float(torch.linalg.norm(W @ (W.T @ M) - torch.from_numpy(ref.lowrank(M.numpy(), k))))
                 error /= float(torch.linalg.norm(torch.from_numpy(ref.lowrank(M.numpy(), k))))
-                assert error <= float(gram.term_bound(spectrum, torch.tensor(k))), (kind, scale, k)
+                bound = gram.term_bound(spectrum, torch.tensor(k))
+                assert error <= float(bound), (kind, scale, k)
+                # The top k + 1 pairs give the same bound (what the subset path computes).
+                partial = spectrum._replace(values=spectrum.values[: k + 1], vectors=spectrum.vectors[:, : k + 1])
+                assert float(gram.term_bound(partial, torch.tensor(k))) == float(bound), (kind, scale, k)
+                with pytest.raises(ValueError, match="top"):
+                    gram.term_bound(partial, torch.tensor(k + 1))
 
 
 def test_gram_path_is_used_where_it_applies():

@@ -260,7 +260,8 @@ def _exact_top_k(
     zeros = torch.zeros(matrix.shape[:-2], device=matrix.device, dtype=matrix.dtype)
     if svd == "exact" or not gram.applies(matrix):
         return GuardedTopK(exact.svd(matrix).leading(k_max), zeros.bool(), zeros)
-    spectrum = gram.spectrum(matrix)
+    # The bound at rank k reads λ_1..λ_{k+1} and the trace: the top k_max + 1 pairs suffice.
+    spectrum = gram.spectrum(matrix, top=k_max + 1)
     bound = gram.term_bound(spectrum, ranks)
     passed = bound <= settings.tolerance
     factors = gram.factors(matrix, spectrum, k_max)
