@@ -11,6 +11,7 @@ the true error of the low-rank term against a float64 SVD.
 
     python benchmarks/bench_certificate.py                    # 70M shapes, k = 6
     python benchmarks/bench_certificate.py --shapes 2048x2048,5632x2048,32000x2048
+    python benchmarks/bench_certificate.py --gram-table       # the Gram path's parts, per shape
 """
 
 from __future__ import annotations
@@ -78,6 +79,35 @@ def measure(M: torch.Tensor, k: int, repeats: int) -> dict:
     }
 
 
+def gram_table(shapes, repeats: int) -> None:
+    """Where the Gram path's time goes, per shape: LAPACK's float32 SVD against the
+    float64 Gram product, all eigenpairs, the top 9, and ``gram.spectrum`` in all."""
+    from mergekit_lox.linalg import gram
+
+    def median(function, *args) -> float:
+        function(*args)  # warm: the first LAPACK call of a process is slower
+        return statistics.median(timed(lambda: function(*args)) for _ in range(repeats))
+
+    print(
+        "| shape | `torch.linalg.svd` float32 | Gram float64 (`dsyrk`) | all pairs (`dsyevd`) "
+        "| top 9 pairs (`dsyevx`) | `gram.spectrum`, all | `gram.spectrum(top=9)` |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for m, n in shapes:
+        M = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
+        A = M if m <= n else M.mT
+        G = gram._gram64(A)
+        times = [
+            median(torch.linalg.svd, M, False),
+            median(gram._gram64, A),
+            median(gram._eigenpairs, G),
+            median(gram._eigenpairs, G, 9),
+            median(gram.spectrum, M),
+            median(gram.spectrum, M, 9),
+        ]
+        print(f"| {m} x {n} | " + " | ".join(f"{t:.2f}" for t in times) + " |", flush=True)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=SHAPES_70M, help="comma-separated MxN")
@@ -86,10 +116,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--gram-table", action="store_true", help="only time the Gram path's parts (default shapes: hidden 2048)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gram_table and args.shapes == SHAPES_70M:
+        args.shapes = "2048x5632,2048x2048,32000x2048"
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    if args.gram_table:
+        gram_table(shapes, min(args.repeats, 3))
+        return {}
     rows = []
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}, medians of {args.repeats}")
     print("| family | shape | s_{k+1}/s_k | path | exact s | guarded s | guarded / exact | bound | true error |")
