@@ -7,9 +7,9 @@ For a float32 ``M`` (``m x n``; ``A = M`` when ``m <= n``, else ``Mᵀ``, so tha
     G = W diag(λ) Wᵀ   (LAPACK dsyevd: every pair; dsyevx: only the top k + 1)
     S_i = sqrt(λ_i),  W = U (m <= n) or V (m > n)
 
-On CPU this costs 0.25 to 0.4 of LAPACK's float32 SVD at the shapes of an LLM with
+On CPU this costs 0.25 to 0.7 of LAPACK's float32 SVD at the shapes of an LLM with
 every pair (2048 x 5632: 1.2 s against 4.9 s on 2 threads, docs/performance.md), which
-LSSF's automatic rank needs, and 0.1 to 0.35 with the top k + 1 (0.66 s), which is
+LSSF's automatic rank needs, and 0.13 to 0.35 with the top k + 1 (0.66 s), which is
 all the bound below reads at rank k.
 
 What is proven (docs/performance.md, "The Gram path"): the computed eigenpairs
