@@ -226,7 +226,7 @@ def energy_entropy_lowrank(
             matrices = math.prod(matrix.shape[:-2])
             _count("exact", matrices)
             _count("gram", matrices)
-            s, low = spectrum.values.shape[-1], int(ranks.min())
+            s, low = spectrum.size, int(ranks.min())
             if s - low >= int(ranks.max()):
                 return lowrank_per_matrix(gram.factors(matrix, spectrum, int(ranks.max())), ranks), ranks
             trailing = torch.arange(low, s, device=matrix.device) >= ranks.unsqueeze(-1)
