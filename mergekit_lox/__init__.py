@@ -1,7 +1,7 @@
 """mergekit-lox: safety-subspace weight surgery as native mergekit merge methods.
 
 Importing this package is cheap (no torch, no mergekit): it makes sure the
-methods `lox_extrapolate`, `lssf_fusion` and `safelora_project` are registered
+methods `lox_extrapolate`, `lssf_fusion`, `safelora_project` and `safemerge` are registered
 with mergekit as soon as mergekit's registry is imported, or at once if it
 already is. The method objects themselves load lazily as attributes.
 """

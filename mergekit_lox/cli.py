@@ -79,7 +79,8 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         if method.get("adapter"):
             typer.echo("  adapter: its term can be written as a PEFT LoRA adapter (`mergekit-lox adapter`)")
         for p in method["parameters"]:
-            typer.echo(f"  {p['name']:<11} {p['type']:<34} default {p['default']!r}  [{p['scope']}]")
+            typer.echo(f"  {p['name']:<13} {p['type']:<34} default {p['default']!r}  [{p['scope']}]")
+    typer.echo("Fidelity to each paper and its reference code, and the test that holds it: docs/fidelity.md")
 
 
 @app.command(context_settings=_PASSTHROUGH)

@@ -146,3 +146,29 @@ def peft_lora_finetuned(aligned: dict, adapter: dict, scaling) -> dict:
             B = adapter[key.replace(".lora_A.weight", ".lora_B.weight")]
             finetuned[module + ".weight"] = aligned[module + ".weight"] + scaling(module) * (B @ A)
     return finetuned
+
+
+def safemerge(W_f, W_s, W_a, W_b, threshold=0.35, safety_weight=0.2, projection="scaled", rank=8):
+    """SafeMERGE (arXiv 2503.17239): the fine-tuned layer, or where its Safe LoRA cosine is
+    below the threshold (strictly), (1 - w) W_f + w W_s; W_f where the cosine is undefined."""
+    if W_f.ndim < 2:
+        return W_f
+    cos = safelora_cosine(W_f, W_a, W_b, projection, rank)
+    if np.isfinite(cos) and cos < threshold:
+        return (1 - safety_weight) * W_f + safety_weight * W_s
+    return W_f
+
+
+def safemerge_code_cosine(P, lora_A, lora_B) -> float:
+    """The authors' `compute_safelora_cos` (github.com/aladinD/SafeMERGE, utils.py),
+    transcribed: cos(P B A, B A) over the flattened matrices, rounded to 5 decimals;
+    P = V Vᵀ / ||V||_F (0 when ||V||_F < 1e-9). The adapter's scaling is left out there."""
+    projected, original = (P @ lora_B @ lora_A).ravel(), (lora_B @ lora_A).ravel()
+    eps = 1e-8  # torch.nn.functional.cosine_similarity's
+    denominator = max(np.linalg.norm(projected) * np.linalg.norm(original), eps)
+    return float(np.round(projected @ original / denominator, 5))
+
+
+def safemerge_code_projection(V) -> np.ndarray:
+    norm = np.linalg.norm(V)
+    return np.zeros((V.shape[0], V.shape[0])) if norm < 1e-9 else V @ V.T / norm

@@ -15,11 +15,12 @@ def test_methods_json_lists_every_method_with_its_spec(capsys):
     code, out, _ = run_cli(["methods", "--json"], capsys)
     assert code == 0
     listed = {m["name"]: m for m in json.loads(out)}
-    assert set(listed) == {"lox_extrapolate", "lssf_fusion", "safelora_project"}
+    assert set(listed) == {"lox_extrapolate", "lssf_fusion", "safelora_project", "safemerge"}
     papers = {
         "lox_extrapolate": "2506.15606",
         "lssf_fusion": "2602.00038",
         "safelora_project": "2405.16833",
+        "safemerge": "2503.17239",
     }
     for name, described in listed.items():
         spec = get(name).spec
@@ -37,6 +38,9 @@ def test_methods_text(capsys):
     code, out, _ = run_cli(["methods"], capsys)
     assert code == 0
     assert "lox_extrapolate: LoX" in out and "top_weight" in out and "'orthogonal'" in out
+    assert "safemerge: SafeMERGE" in out and "safety_weight" in out
+    # Where each method departs from its paper and reference code, and which test holds it.
+    assert out.strip().splitlines()[-1].endswith("docs/fidelity.md")
 
 
 def test_errors_are_one_line_exit_1(tmp_path, capsys):

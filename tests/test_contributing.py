@@ -77,6 +77,7 @@ def test_the_doc_example_is_listed_registered_and_checked(fourth_method, family,
         "lox_extrapolate",
         "lssf_fusion",
         "safelora_project",
+        "safemerge",
         "task_vector_scale",
     ]
     listed = described[-1]

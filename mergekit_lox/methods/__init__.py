@@ -22,6 +22,7 @@ METHOD_MODULES = (
     "mergekit_lox.methods.lox",
     "mergekit_lox.methods.lssf",
     "mergekit_lox.methods.safelora",
+    "mergekit_lox.methods.safemerge",
 )
 
 
