@@ -346,7 +346,9 @@ def sweep(
         SweepExecutor.local, "--executor", help="local: one point after another here; ray: one Ray task per point."
     ),
     ray_address: Optional[str] = typer.Option(
-        None, "--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)."
+        None,
+        "--ray-address",
+        help="Ray cluster to join (auto, HOST:PORT, ray://...); default: a new local Ray instance.",
     ),
     gpus_per_point: Optional[float] = typer.Option(
         None,
@@ -357,6 +359,12 @@ def sweep(
     ),
     cpus_per_point: float = typer.Option(1.0, "--cpus-per-point", min=0, callback=_finite, help="Ray: CPUs per point."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run points recorded as failed again."),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Pass --trust-remote-code to every merge (runs Python code from the models' folders); "
+        "a sweep file cannot ask for it.",
+    ),
 ):
     """Merge and evaluate a recipe at every point of a parameter grid; report the
     safety-versus-utility trade-off and the chosen point. Resumable: rerun the same
@@ -373,6 +381,7 @@ def sweep(
         gpus_per_point=gpus_per_point,
         cpus_per_point=cpus_per_point,
         retry_failed=retry_failed,
+        trust_remote_code=trust_remote_code,
         echo=typer.echo,
     )
     ok = sum(1 for p in state["points"] if p["status"] == "ok")

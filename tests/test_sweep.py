@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from typing import List
 
 import pytest
 import yaml
@@ -352,3 +354,150 @@ def test_chain_sweep_runs_and_cleans_its_stages(setup, family):
 def test_ray_options_need_the_ray_executor(setup, capsys):
     code, _, err = run_cli(["sweep", str(setup / "sweep.yml"), "-o", str(setup / "x"), "--ray-address", "auto"], capsys)
     assert code == 2 and "--executor ray" in err and not os.path.exists(setup / "x")
+
+
+# -- issue 23: sweep files and records are input, not instructions --------------------------------
+
+
+@pytest.mark.parametrize("options", [["--trust-remote-code"], ["--cuda", "--trust-remote-code"]])
+def test_a_sweep_file_cannot_ask_for_remote_code(setup, tmp_path, capsys, options):
+    path = write_sweep(tmp_path / "trc.yml", recipe=str(setup / "lox.yml"), mergekit_options=options)
+    with open(path) as f:  # the eval paths, relative to the sweep file's folder
+        raw = yaml.safe_load(f)
+    raw["eval"].update(safety=str(setup / "harm.jsonl"), utility=str(setup / "wiki.txt"))
+    (tmp_path / "trc.yml").write_text(yaml.safe_dump(raw))
+    code, out, err = run_cli(["check", path], capsys)
+    assert code == 1 and out == ""
+    assert err.strip() == (
+        f"error: {path}: mergekit_options: --trust-remote-code: runs Python code shipped with the models: a sweep "
+        "file cannot ask for it; pass --trust-remote-code to `mergekit-lox sweep` on the command line"
+    )
+    with pytest.raises(SweepError, match="trust-remote-code"):
+        run_sweep(path, str(tmp_path / "out"), echo=quiet)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_remote_code_comes_from_the_command_line_only(setup, tmp_path, monkeypatch):
+    import mergekit_lox.run
+
+    seen = []
+
+    def record(recipe, out, options, *args, **kwargs):
+        seen.append(list(options))
+        raise KeyboardInterrupt  # enough: the options the merge got
+
+    monkeypatch.setattr(mergekit_lox.run, "run_recipe", record)
+    for flag in (False, True):
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(str(setup / "sweep.yml"), str(tmp_path / f"o{flag}"), trust_remote_code=flag, echo=quiet)
+    assert ["--trust-remote-code" in options for options in seen] == [False, True]
+
+
+def finished_copy(local, tmp_path):
+    import shutil
+
+    _, out = local
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "sweep.json") as f:
+        return copy, json.load(f)
+
+
+def test_resume_trusts_no_path_in_the_record(setup, local, tmp_path):
+    """A sweep.json naming a model outside DIR (keep: best would delete it) is refused."""
+    from mergekit_lox.files.output import MERGE_OUTPUT_MARKERS
+
+    victim = tmp_path / "victim" / "model"
+    victim.mkdir(parents=True)
+    (victim / MERGE_OUTPUT_MARKERS[0]).write_text("{}")
+    copy, record = finished_copy(local, tmp_path)
+    record["points"][1].update(dir="../victim", model="../victim/model")
+    (copy / "sweep.json").write_text(json.dumps(record))
+    best = write_sweep(setup / "best-resume.yml", keep="best")
+    with pytest.raises(SweepError, match=r"point 1: model '../victim/model' is not the point's own points/001/model"):
+        run_sweep(best, str(copy), echo=quiet)
+    assert (victim / MERGE_OUTPUT_MARKERS[0]).exists()
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"index": "<b>0</b>"}, "point 0 is recorded with another index"),
+        ({"params": {"parameters.alpha": 9}}, "point 0 is recorded with another index or other parameters"),
+        ({"status": "<i>ok</i>"}, "point 0: status"),
+    ],
+)
+def test_resume_refuses_a_record_that_is_not_this_sweeps(setup, local, tmp_path, change, fragment):
+    copy, record = finished_copy(local, tmp_path)
+    record["points"][0].update(change)
+    (copy / "sweep.json").write_text(json.dumps(record))
+    with pytest.raises(SweepError, match=re.escape(fragment)):
+        run_sweep(str(setup / "sweep.yml"), str(copy), echo=quiet)
+
+
+def test_report_escapes_every_recorded_value(local):
+    from mergekit_lox.sweep.report import render_report
+
+    state = json.loads(json.dumps(local[0]))
+    hostile = "<script>alert(1)</script>"
+    state["sweep"].update(file=hostile, recipe=hostile, executor=hostile, addresses=[hostile])
+    state["points"][0].update(index=hostile, error=hostile, status="failed", seconds=hostile, params={hostile: hostile})
+    state["points"][1]["eval"]["safety"].update(refusal_rate=hostile, ci95=[hostile, hostile])
+    state["points"][2]["eval"]["utility"]["perplexity"] = [hostile]
+    state["rule"].update(why=hostile, reference_source=hostile, tolerance=hostile)
+    state["chosen"] = 3
+    html = render_report(state)
+    assert "<script" not in html and "&lt;script&gt;" in html
+    ET.fromstring(html.split("\n", 1)[1])
+
+
+def alias_bomb(levels: int) -> List[str]:
+    lines = ["  a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return lines
+
+
+def test_check_bounds_an_alias_bomb_in_a_sweep_file(setup, tmp_path, capsys):
+    import tracemalloc
+
+    path = tmp_path / "bomb.yml"
+    # 9^8 = 43 million values behind one grid entry, in 600 bytes.
+    text = ["anchors:", *alias_bomb(7), f"recipe: {setup / 'lox.yml'}", "grid:", "  parameters.alpha: *a7"]
+    path.write_text("\n".join([*text, f"eval: {{safety: {setup / 'harm.jsonl'}}}"]) + "\n")
+    tracemalloc.start()
+    try:
+        code, out, err = run_cli(["check", str(path)], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 1 and out == ""
+    assert err.strip() == (
+        f"error: {path}: sweep: the sweep file expands to more than 100,000 values (YAML aliases repeat "
+        "their anchor each time they are used); write the values out"
+    )
+    assert peak < 50e6, peak
+    # The same in the recipe the sweep names, and a grid of too many points.
+    recipe = tmp_path / "bomb-recipe.yml"
+    recipe.write_text("\n".join(["anchors:", *alias_bomb(7), (setup / "lox.yml").read_text()]))
+    grid = {f"parameters.x{i}": list(range(10)) for i in range(5)}
+    for changes, fragment in (
+        ({"recipe": str(recipe)}, f"recipe: cannot read {recipe}: recipe {recipe} expands to more than 100,000"),
+        ({"recipe": str(setup / "lox.yml"), "grid": grid}, "grid: 100,000 points: a sweep has at most 10,000"),
+    ):
+        write_sweep(path, eval={"safety": str(setup / "harm.jsonl")}, **changes)
+        code, out, err = run_cli(["check", str(path)], capsys)
+        assert code == 1 and err.startswith(f"error: {path}: {fragment}"), err
+
+
+def test_ray_starts_a_new_local_instance_unless_told_where(monkeypatch):
+    """Plain ray.init() joins whatever cluster /tmp/ray names; the executor asks for a new one."""
+    ray = pytest.importorskip("ray")
+    from mergekit_lox.sweep.executors import RayExecutor
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # not consulted without --ray-address
+    RayExecutor(None, 1.0, 0.0)
+    RayExecutor("auto", 1.0, 0.0)
+    assert [c["address"] for c in calls] == ["local", "auto"]

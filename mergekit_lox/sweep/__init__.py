@@ -54,6 +54,7 @@ def run_sweep(
     gpus_per_point: Optional[float] = None,
     cpus_per_point: float = 1.0,
     retry_failed: bool = False,
+    trust_remote_code: bool = False,
     echo: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """Run (or resume) the sweep in ``sweep_file`` into ``out_dir``; returns sweep.json's content.
@@ -68,6 +69,8 @@ def run_sweep(
     from mergekit_lox.sweep.report import write_report
 
     sweep = load_sweep(sweep_file)
+    if trust_remote_code:  # the command line's choice, never the file's (spec.CODE_RUNNING_OPTIONS)
+        sweep.command_line_options = ["--trust-remote-code"]
     out_dir = os.path.abspath(out_dir)
     try:
         inputs = local_model_dirs([{k: v for k, v in d.items() if k != "name"} for d in sweep.documents])

@@ -58,12 +58,13 @@ class RayExecutor:
             raise ExecutorError("--executor ray needs Ray: pip install 'mergekit-lox[ray]'") from None
         self.ray = ray
         # A Ray already initialised by the caller (a notebook, a test) is used as it is
-        # and left running; otherwise connect to ADDRESS (or RAY_ADDRESS), or start a
-        # local instance, and shut it down at the end.
+        # and left running; otherwise connect to --ray-address when given, else start a
+        # new local instance ("local": not whatever cluster /tmp/ray or RAY_ADDRESS
+        # names, which plain ray.init() would join), and shut it down at the end.
         self.started = not ray.is_initialized()
         if self.started:
             try:
-                ray.init(address=address)
+                ray.init(address=address or "local")
             except Exception as error:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ...
                 where = f" at {address}" if address else ""
                 raise ExecutorError(f"cannot start or reach a Ray cluster{where}: {one_line(error)}") from None

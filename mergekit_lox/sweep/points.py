@@ -29,7 +29,7 @@ def point_task(index: int, out_dir: str, recipe_text: str, sweep) -> Dict[str, A
         "dir": os.path.join(os.path.abspath(out_dir), "points", f"{index:03d}"),
         "recipe": recipe_text,
         "eval": dict(sweep.eval),
-        "mergekit_options": list(sweep.mergekit_options),
+        "mergekit_options": [*sweep.mergekit_options, *sweep.command_line_options],
         "lora_cache": os.path.join(os.path.abspath(out_dir), "lora-cache"),
         "keep": sweep.keep,
         "cwd": os.getcwd(),

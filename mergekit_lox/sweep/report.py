@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 from mergekit_lox.html.page import CSS, card
 from mergekit_lox.html.svg import esc, fmt
-from mergekit_lox.sweep.results import REPORT_HTML, SWEEP_CSV, csv_text, perplexity, refusal_rate
+from mergekit_lox.sweep.results import REPORT_HTML, SWEEP_CSV, csv_text, number, perplexity, refusal_rate
 
 EXTRA_CSS = """
 .plot .point { fill: #9e9e9e; stroke: #fff; }
@@ -22,6 +22,18 @@ EXTRA_CSS = """
 tr.chosen td { background: #eaf6ea; }
 td.failed { color: #d62728; text-align: left; }
 """
+
+
+def num(value: Any, digits: int = 3) -> str:
+    """A recorded number as HTML text: escaped, and "–" for anything that is not a finite number."""
+    return esc(fmt(number(value), digits))
+
+
+def interval_text(interval: Any) -> str:
+    low, high = (number(v) for v in interval) if isinstance(interval, list) and len(interval) == 2 else (None, None)
+    if low is None or high is None:
+        return "–"
+    return f"{num(round(low, 4))}–{num(round(high, 4))}"
 
 
 def _params(point: Dict[str, Any]) -> str:
@@ -67,7 +79,8 @@ def scatter_svg(points: List[Dict[str, Any]], chosen, reference, threshold) -> s
             out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(rate):.1f}" y2="{y(rate):.1f}" class="{cls}"/>')
             out.append(f'<text x="{left + 4}" y="{y(rate) - 4:.1f}" class="tick">{label}</text>')
     front = sorted((p for p in (done if by_index else with_ppl) if p.get("pareto")), key=lambda p: refusal_rate(p))
-    coordinates = {p["index"]: (x(p["index"] + 1 if by_index else perplexity(p)), y(refusal_rate(p))) for p in done}
+    placed = done if by_index else with_ppl  # a point without a finite perplexity has no x here
+    coordinates = {p["index"]: (x(p["index"] + 1 if by_index else perplexity(p)), y(refusal_rate(p))) for p in placed}
     if len(front) > 1:
         path = " ".join(f"{coordinates[p['index']][0]:.1f},{coordinates[p['index']][1]:.1f}" for p in front)
         out.append(f'<polyline points="{path}" class="frontline"/>')
@@ -76,10 +89,10 @@ def scatter_svg(points: List[Dict[str, Any]], chosen, reference, threshold) -> s
             continue
         cx, cy = coordinates[p["index"]]
         cls = "point front" if p.get("pareto") else "point"
-        tip = f"point {p['index']}: {_params(p)}; refusal rate {fmt(refusal_rate(p), 4)}"
+        tip = f"point {p['index']}: {_params(p)}; refusal rate {fmt(refusal_rate(p), 4)}"  # escaped below
         tip += "" if by_index else f", perplexity {fmt(perplexity(p), 4)}"
         out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" class="{cls}"><title>{esc(tip)}</title></circle>')
-        out.append(f'<text x="{cx + 7:.1f}" y="{cy - 6:.1f}" class="cell">{p["index"]}</text>')
+        out.append(f'<text x="{cx + 7:.1f}" y="{cy - 6:.1f}" class="cell">{esc(p["index"])}</text>')
         if p["index"] == chosen:
             out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="10" class="chosen"/>')
     xlabel = "point number (no utility measured)" if by_index else "perplexity (lower is better)"
@@ -99,12 +112,10 @@ def _table(state: Dict[str, Any]) -> str:
     rows = []
     for p in state["points"]:
         safety = (p.get("eval") or {}).get("safety") or {}
-        interval = safety.get("ci95")
-        cells = [str(p["index"])] + [esc(p["params"].get(a, "\u2013")) for a in addresses]
+        cells = [esc(p["index"])] + [esc(p["params"].get(a, "\u2013")) for a in addresses]
         status = "chosen" if p["index"] == state.get("chosen") else p["status"]
-        cells += [esc(status), fmt(safety.get("refusal_rate"), 4)]
-        cells += [f"{fmt(round(interval[0], 4), 3)}\u2013{fmt(round(interval[1], 4), 3)}" if interval else "\u2013"]
-        cells += [fmt(perplexity(p), 5), "yes" if p.get("pareto") else "", fmt(p.get("seconds"), 3)]
+        cells += [esc(status), num(refusal_rate(p), 4), interval_text(safety.get("ci95"))]
+        cells += [num(perplexity(p), 5), "yes" if p.get("pareto") else "", num(p.get("seconds"))]
         row = "".join(f"<td>{c}</td>" for c in cells)
         row += f'<td class="failed">{esc(p["error"])}</td>' if p["status"] == "failed" else "<td></td>"
         rows.append(f'<tr class="chosen">{row}</tr>' if status == "chosen" else f"<tr>{row}</tr>")
@@ -133,7 +144,7 @@ def render_report(state: Dict[str, Any]) -> str:
     if counts["pending"]:
         parts.append(card(str(counts["pending"]), "points not run yet (resume with the same command)"))
     if reference is not None:
-        parts.append(card(fmt(reference, 3), f"reference refusal rate ({rule.get('reference_source')})"))
+        parts.append(card(fmt(number(reference), 3), f"reference refusal rate ({rule.get('reference_source')})"))
     if chosen is not None:
         parts.append(card(f"point {chosen}", _params(points[chosen]), accent=True))
     parts.append("</div>")
@@ -150,9 +161,9 @@ def render_report(state: Dict[str, Any]) -> str:
         parts.append("<p>None yet: no point has finished.</p>")
     else:
         parts.append(
-            f"<p><b>Point {chosen}: {esc(_params(points[chosen]))}</b>: {esc(rule.get('why'))}; reference "
-            f"refusal rate {fmt(reference, 3)} ({esc(rule.get('reference_source'))}), tolerance "
-            f"{fmt(rule.get('tolerance'), 3)}. Its recipe is "
+            f"<p><b>Point {esc(chosen)}: {esc(_params(points[chosen]))}</b>: {esc(rule.get('why'))}; reference "
+            f"refusal rate {num(reference)} ({esc(rule.get('reference_source'))}), tolerance "
+            f"{num(rule.get('tolerance'))}. Its recipe is "
             f"<code>{esc(os.path.join(points[chosen]['dir'], 'recipe.yml'))}</code>"
             + (f"; its model <code>{esc(points[chosen]['model'])}</code>" if points[chosen].get("model") else "")
             + ". The rule is in docs/sweep.md.</p>"

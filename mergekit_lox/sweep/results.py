@@ -35,15 +35,24 @@ class SweepStateError(SweepError):
     """DIR cannot hold this sweep; the message says why."""
 
 
+def number(value: Any) -> Optional[float]:
+    """``value`` when it is a finite real number, else None (a record is read, not trusted)."""
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if real and math.isfinite(value) else None
+
+
+def _section(point: Dict[str, Any], name: str) -> Dict[str, Any]:
+    entry = point.get("eval")
+    section = entry.get(name) if isinstance(entry, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
 def refusal_rate(point: Dict[str, Any]) -> Optional[float]:
-    entry = point.get("eval") or {}
-    return (entry.get("safety") or {}).get("refusal_rate")
+    return number(_section(point, "safety").get("refusal_rate"))
 
 
 def perplexity(point: Dict[str, Any]) -> Optional[float]:
-    entry = point.get("eval") or {}
-    value = (entry.get("utility") or {}).get("perplexity")
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return number(_section(point, "utility").get("perplexity"))
 
 
 def finished(points: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -151,16 +160,47 @@ def open_state(sweep, out_dir: str, executor: str) -> Dict[str, Any]:
                 f"{out_dir} holds the results of a different sweep (recipe, points, eval or mergekit options "
                 "changed): choose another -o, or delete it to start over"
             )
-        for point, old in zip(state["points"], previous["points"], strict=True):
-            point.update({k: v for k, v in old.items() if k != "pareto"})
-        if isinstance(previous.get("reference"), dict) and previous["reference"].get("eval") is not None:
-            state["reference"] = previous["reference"]
+        recorded(state, previous, path)
         return state
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise SweepStateError(
             f"{out_dir} exists and holds no {SWEEP_JSON}: a sweep writes a new folder, choose another -o"
         )
     return state
+
+
+STATUSES = ("ok", "failed", "pending")
+RECORDED = ("status", "error", "eval", "seconds", "merge_seconds", "eval_seconds", "attempts", "host", "model")
+
+
+def recorded(state: Dict[str, Any], previous: Any, path: str) -> None:
+    """Copy the results of ``previous`` (sweep.json as read) into the new ``state``, trusting
+    nothing in it: the points must be this sweep's (same count, index, parameters), a
+    recorded model must be the point's own ``DIR/points/NNN/model`` (so that `keep` can
+    never delete outside ``DIR``), and only the result fields are taken, never a path the
+    sweep derives itself (``dir``)."""
+
+    def refuse(why: str) -> None:
+        raise SweepStateError(f"{path}: {why}: not this sweep's record; choose another -o, or delete it to start over")
+
+    points = previous.get("points") if isinstance(previous, dict) else None
+    if not isinstance(points, list) or len(points) != len(state["points"]):
+        refuse("its points do not match the sweep file's")
+    for point, old in zip(state["points"], points, strict=True):
+        where = f"point {point['index']}"
+        if not isinstance(old, dict) or old.get("index") != point["index"] or old.get("params") != point["params"]:
+            refuse(f"{where} is recorded with another index or other parameters")
+        if old.get("status") not in STATUSES:
+            refuse(f"{where}: status {old.get('status')!r} is not one of {', '.join(STATUSES)}")
+        model = old.get("model")
+        if model is not None and model != os.path.join(point["dir"], "model"):
+            refuse(f"{where}: model {model!r} is not the point's own {os.path.join(point['dir'], 'model')}")
+        if not isinstance(old.get("eval"), (dict, type(None))):
+            refuse(f"{where}: eval is not a mapping")
+        point.update({k: old[k] for k in RECORDED if k in old})
+    reference = previous.get("reference")
+    if isinstance(reference, dict) and isinstance(reference.get("eval"), dict):
+        state["reference"] = reference
 
 
 def annotate(state: Dict[str, Any]) -> None:
@@ -192,8 +232,9 @@ def _csv_value(value) -> Any:
     if value is None:
         return ""
     if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return value
+        value = json.dumps(value)
+    # A text cell a spreadsheet would run as a formula (=, +, -, @) is quoted as text.
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@") else value
 
 
 def csv_text(state: Dict[str, Any]) -> str:

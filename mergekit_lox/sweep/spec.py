@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,6 +35,9 @@ from mergekit_lox.sweep import overrides
 
 KEYS = ("recipe", "grid", "points", "eval", "keep", "tolerance", "reference", "mergekit_options")
 KEEP = ("none", "best", "all")
+# mergekit options that run code from a model's folder: only the command line may give them
+# (mergekit-lox sweep --trust-remote-code), so that no YAML file alone runs code.
+CODE_RUNNING_OPTIONS = {"trust_remote_code": ("--trust-remote-code", "runs Python code shipped with the models")}
 DEFAULT_TOLERANCE = 0.05
 # run_eval's arguments that the sweep sets itself.
 EVAL_RESERVED = ("models", "out_dir", "progress", "echo")
@@ -58,6 +62,8 @@ class Sweep:
     tolerance: float = DEFAULT_TOLERANCE
     reference: Any = None  # None: the aligned model; a str: a model; a float: a refusal rate
     mergekit_options: List[str] = field(default_factory=list)
+    # Options from the command line, never from the file (--trust-remote-code): outside the fingerprint.
+    command_line_options: List[str] = field(default_factory=list)
 
     @property
     def addresses(self) -> List[str]:
@@ -72,12 +78,71 @@ class Sweep:
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Bounds on what a sweep file (and the recipe it names) may expand to. YAML aliases
+# make a few hundred bytes stand for billions of values (an "alias bomb"); the loader
+# shares them, but validating, fingerprinting and copying a grid walks them expanded.
+MAX_TEXT_BYTES = 1 << 20
+MAX_VALUES = 100_000
+MAX_POINTS = 10_000
+
+
+class SweepTooLarge(ValueError):
+    """A sweep file (or its recipe) larger than the bounds above; the message says which."""
+
+
+def expanded_size(value: Any, limit: int = MAX_VALUES) -> int:
+    """How many values ``value`` holds with every shared (aliased) part counted each time
+    it appears, up to just past ``limit``: linear in the distinct objects, never expanding."""
+    sizes: Dict[int, int] = {}
+    stack: List[Tuple[Any, bool]] = [(value, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = list(node.items()) if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            sizes[key] = 1
+            continue
+        items = [part for pair in children for part in pair] if isinstance(node, dict) else children
+        if not children_done:
+            stack.append((node, True))
+            stack.extend((child, False) for child in items if id(child) not in sizes)
+            continue
+        sizes[key] = min(limit + 1, 1 + sum(sizes.get(id(child), 1) for child in items))
+    return sizes[id(value)]
+
+
+def bound(value: Any, what: str) -> None:
+    """SweepTooLarge when ``value`` expands to more than MAX_VALUES values."""
+    if expanded_size(value) > MAX_VALUES:
+        raise SweepTooLarge(
+            f"{what} expands to more than {MAX_VALUES:,} values (YAML aliases repeat their anchor each time "
+            "they are used); write the values out"
+        )
+
+
+def _read_text(path: str) -> str:
+    from mergekit_lox.check.documents import RecipeReadError, read_recipe_text
+
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    if size > MAX_TEXT_BYTES:
+        raise RecipeReadError(f"{size:,} bytes: a sweep file or its recipe is at most {MAX_TEXT_BYTES:,} bytes")
+    return read_recipe_text(path)
+
+
 def _load(path: str) -> Any:
     """The one YAML document at ``path``, read as every recipe is (check.documents:
-    UTF-8, duplicate keys refused)."""
-    from mergekit_lox.check.documents import RecipeLoader, read_recipe_text
+    UTF-8, duplicate keys refused). Aliases stay shared: ``bound`` before walking it."""
+    from mergekit_lox.check.documents import RecipeLoader
 
-    return yaml.load(read_recipe_text(path), Loader=RecipeLoader)
+    try:
+        return yaml.load(_read_text(path), Loader=RecipeLoader)
+    except RecursionError:
+        raise SweepTooLarge("nested too deeply to read") from None
 
 
 def is_sweep_file(path: str) -> bool:
@@ -85,7 +150,7 @@ def is_sweep_file(path: str) -> bool:
     from mergekit_lox.check import is_sweep_document
 
     try:
-        return is_sweep_document(_load(path))
+        return is_sweep_document(_load(path))  # looks at the top-level keys only: bombs stay unexpanded
     except (ValueError, yaml.YAMLError):
         return False
 
@@ -116,10 +181,15 @@ class _Reader:
         if isinstance(raw, str):
             path = _resolve_path(self.base, raw)
             try:
-                with open(path, "r", encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as error:
-                self.problem("recipe", "", f"cannot read {path}: {error.strerror or error}")
+                text = _read_text(path)
+                bound(load_recipe_documents(text), f"recipe {path}")
+            except (RecipeReadError, SweepTooLarge) as error:
+                self.problem("recipe", "", f"cannot read {path}: {str(error).removeprefix('cannot read: ')}")
+                return None, None, None
+            except yaml.YAMLError:
+                pass  # check_text names the YAML problem
+            except RecursionError:
+                self.problem("recipe", "", f"cannot read {path}: nested too deeply")
                 return None, None, None
             label = path
         elif isinstance(raw, dict) or (isinstance(raw, list) and raw and all(isinstance(d, dict) for d in raw)):
@@ -153,10 +223,17 @@ class _Reader:
                     got = "an empty list" if values == [] else repr(values)
                     self.problem("grid", str(address), f"needs a non-empty list of values, got {got}")
                     ok = False
+            count = math.prod(len(values) for values in grid.values()) if ok else 0
+            if count > MAX_POINTS:
+                self.problem("grid", "", f"{count:,} points: a sweep has at most {MAX_POINTS:,}")
+                return []
             return [("grid", point) for point in overrides.expand_grid(grid)] if ok else []
         listed = raw.get("points")
         if not isinstance(listed, list) or not listed:
             self.problem("points", "", "empty: give a list of mappings from parameter address to value")
+            return []
+        if len(listed) > MAX_POINTS:
+            self.problem("points", "", f"{len(listed):,} points: a sweep has at most {MAX_POINTS:,}")
             return []
         bad = [i for i, p in enumerate(listed) if not isinstance(p, dict)]
         for i in bad:
@@ -265,10 +342,19 @@ class _Reader:
 
             argv = [self.path, "out", *options]
         try:
-            command_options(command, argv)
+            parsed = command_options(command, argv)
         except Exception as error:  # click's usage errors
             message = error.format_message() if hasattr(error, "format_message") else str(error)
             self.problem("mergekit_options", "", f"{message} (see `mergekit-yaml --help`)")
+            return
+        # Read from what mergekit parsed, not from the spelling: no form of the option passes.
+        for name, (flag, why) in CODE_RUNNING_OPTIONS.items():
+            if parsed.get(name):
+                self.problem(
+                    "mergekit_options",
+                    flag,
+                    f"{why}: a sweep file cannot ask for it; pass {flag} to `mergekit-lox sweep` on the command line",
+                )
 
 
 def read_sweep(path: str) -> Tuple[Optional[Sweep], Report]:
@@ -276,7 +362,8 @@ def read_sweep(path: str) -> Tuple[Optional[Sweep], Report]:
     reader = _Reader(path)
     try:
         raw = _load(path)
-    except RecipeReadError as error:
+        bound(raw, "the sweep file")
+    except (RecipeReadError, SweepTooLarge) as error:
         reader.problem("sweep", "", str(error))
         return None, reader.report
     except yaml.YAMLError as error:
