@@ -53,7 +53,7 @@ def entropy_rank_of(M: np.ndarray, rank_scale: float) -> int:
 def lssf_rank_of(S: np.ndarray, shape, eta: float, eps: float = float(np.finfo(np.float32).eps)) -> int:
     """docs/methods.md section 2's automatic rank from singular values S (descending) of an
     m x n matrix: energies p_i = S_i^2 / sum S_j^2, h_i = -p_i ln p_i, the smallest r
-    with H_r >= eta H (1 when H == 0). Values at or below S_1 max(m, n) eps are rounding
+    with H_r >= eta H (1 when H == 0; full rank when eta = 1). Values at or below S_1 max(m, n) eps are rounding
     noise and count as zero (docs/lssf.md)."""
     S = np.asarray(S, np.float64)
     if S.size == 0 or S[0] <= 0:
@@ -64,6 +64,8 @@ def lssf_rank_of(S: np.ndarray, shape, eta: float, eps: float = float(np.finfo(n
     H = partial[-1]  # H = H_n, the last partial sum (so that eta = 1 finds it)
     if H == 0:
         return 1
+    if eta >= 1:
+        return S.size  # full rank by definition (docs/methods.md section 2)
     return int(np.argmax(partial >= eta * H)) + 1
 
 

@@ -332,18 +332,24 @@ def test_energy_entropy_ranks_match_the_reference(kind, eta):
         assert not certified or got == expected
     # The noise floor's ranks lie far from the eta boundary; a rank the intervals cannot
     # settle (possible anywhere) is not certified, never wrong.
-    assert gram.certified.all() if kind == "noise-floor" and eta < 1 else gram.certified.any()
+    assert gram.certified.all() if kind == "noise-floor" or eta == 1 else gram.certified.any()
+    if eta == 1:  # full rank by definition, whatever rounding does to the small values
+        assert set(want) == {min(M.shape[-2:])}
 
 
 def test_energy_entropy_rank_edge_cases():
     """Zero matrix and rank 1: H = 0, rank 1. A rank-2 matrix: its rounding-level Gram
-    eigenvalues cannot be told from zero, so the Gram route does not certify eta = 1."""
+    eigenvalues cannot be told from zero, so the Gram route does not certify eta = 0.999;
+    eta = 1 is full rank by definition, certified on every path."""
     zero = linalg.energy_entropy_rank(torch.zeros(2, 50, 70), 0.9)
     assert zero.ranks.tolist() == [1, 1] and zero.certified.all()
     u, v = torch.randn(50, 1, dtype=torch.float64), torch.randn(1, 70, dtype=torch.float64)
     assert linalg.energy_entropy_ranks(linalg.singular_values((u @ v).float()), (50, 70), 0.9).item() == 1
     M = torch.from_numpy(ref.lowrank(ref.f64(planted((120, 90), "fast", 2, seed=40)), 2)).float()
-    assert not linalg.energy_entropy_rank(M, 1.0).certified.item()
+    assert not linalg.energy_entropy_rank(M, 0.999).certified.item()
+    for svd in MODES:
+        full = linalg.energy_entropy_rank(M, 1.0, svd)
+        assert full.ranks.item() == 90 and full.certified.item()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -178,16 +178,21 @@ def test_select_threshold_is_the_nth_lowest_cosine(family, states, f64, tmp_path
     cosines = reference_cosines(f64["base"], f64["aligned"], f64["finetuned"], "scaled", 8)
     ranked = sorted(cosines, key=cosines.get)
     assert cosines[ranked[num_layers]] - cosines[ranked[num_layers - 1]] > MIN_GAP
-    assert threshold == pytest.approx(cosines[ranked[num_layers - 1]], abs=1e-5)
+    # Midway between the N-th and the (N+1)-th cosine, so that no recomputation decides it.
+    midway = (cosines[ranked[num_layers - 1]] + cosines[ranked[num_layers]]) / 2
+    assert threshold == pytest.approx(midway, abs=1e-5)
     assert [s.name for s in selected] == ranked[:num_layers]
+    # The float64 recomputation of every cosine selects the same N tensors.
+    assert {n for n, c in cosines.items() if c <= threshold} == set(ranked[:num_layers])
+    assert not any(line.startswith("warning:") for line in printed)
     for s in selected:
         assert s.cos == pytest.approx(cosines[s.name], abs=1e-5)
         assert any(s.name in line for line in printed)
 
     written = read_recipe(out)
     assert written == {**original, "parameters": {"threshold": threshold}}
-    # Running the written recipe projects exactly the selected tensors: the N-th
-    # one sits exactly at the threshold and the kernel must reach the same cosine.
+    # Running the written recipe (float32, this CPU's BLAS path) projects exactly the
+    # selected tensors.
     merged = run_merge_recipe(written, tmp_path / "merged")
     projected = check_against_reference(merged, f64["base"], f64["aligned"], f64["finetuned"], threshold, "scaled", 8)
     assert projected == set(ranked[:num_layers])
@@ -210,15 +215,22 @@ def test_select_on_a_lora_finetune_with_orthogonal_projection(family, f64, lora_
     ranked = sorted(cosines, key=cosines.get)
     assert cosines[ranked[2]] - cosines[ranked[1]] > MIN_GAP
     assert [s.name for s in selected] == ranked[:2]
-    assert threshold == pytest.approx(cosines[ranked[1]], abs=1e-5)
+    assert threshold == pytest.approx((cosines[ranked[1]] + cosines[ranked[2]]) / 2, abs=1e-5)
     assert read_recipe(out)["parameters"] == {**parameters, "threshold": threshold}
     assert os.path.isdir(out + ".lora-cache")
 
 
 def test_select_errors_name_the_problem(family, tmp_path):
     scores = [Scored("a", 0.1), Scored("b", 0.3), Scored("c", 0.2)]
-    assert select_lowest(scores, 2, "x") == (0.2, [Scored("a", 0.1), Scored("c", 0.2)])
+    assert select_lowest(scores, 2, "x") == (pytest.approx(0.25), [Scored("a", 0.1), Scored("c", 0.2)])
     assert select_lowest(scores + [Scored("d", 0.2)], 2, "x")[1][-1] == Scored("d", 0.2)  # ties
+    assert select_lowest(scores, 3, "x", accuracy=1e-3) == (pytest.approx(0.301), sorted(scores, key=lambda s: s.cos))
+    warnings = []
+    close = [Scored("a", 0.1), Scored("b", 0.2), Scored("c", 0.2 + 1e-7)]
+    threshold, selected = select_lowest(close, 2, "recipe r.yml", accuracy=1e-5, warn=warnings.append)
+    assert [s.name for s in selected] == ["a", "b"] and 0.2 < threshold < 0.2 + 1e-7
+    assert len(warnings) == 1 and "(b, 0.2)" in warnings[0] and "(c, 0.2000001)" in warnings[0]
+    assert select_lowest(close, 2, "r", accuracy=1e-8, warn=warnings.append) and len(warnings) == 1
     with pytest.raises(SafeLoRAToolError, match="--num-layers 4 but recipe r.yml has only 3"):
         select_lowest(scores, 4, "recipe r.yml")
     lssf = write_yaml(tmp_path / "lssf.yml", {**recipe(family, family.finetuned), "merge_method": "lssf_fusion"})
@@ -275,7 +287,9 @@ def test_demo_step_projects_the_eight_lowest_cosines(family, states, f64, tmp_pa
     assert document["merge_method"] == "safelora_project"
     cosines = reference_cosines(f64["base"], f64["aligned"], f64["finetuned"], "scaled", 8)
     ranked = sorted(cosines, key=cosines.get)
-    assert document["parameters"]["threshold"] == pytest.approx(cosines[ranked[7]], abs=1e-5)
+    assert cosines[ranked[8]] - cosines[ranked[7]] > MIN_GAP
+    midway = (cosines[ranked[7]] + cosines[ranked[8]]) / 2
+    assert document["parameters"]["threshold"] == pytest.approx(midway, abs=1e-5)
 
     out = run_merge_recipe(document, tmp_path / "out")
     projected = {n for n, t in out.items() if not torch.equal(t, states["finetuned"][n])}

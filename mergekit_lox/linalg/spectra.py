@@ -94,8 +94,16 @@ def _interval_ranks(low, high, total_low, total_high, shape, eta: float, eps: fl
     surely_reached = (1 - eta) * head_low >= eta * tail_high
     maybe_reached = (1 - eta) * head_high >= eta * tail_low
     surely_reached[..., -1] = maybe_reached[..., -1] = True
-    rank, earliest = _first(surely_reached), _first(maybe_reached)
     zero = total_high[..., 0] <= 0
+    if eta >= 1:
+        # eta = 1 is full rank by definition (1 where H == 0: one value above the cut).
+        # The rule alone would stop at the last value above the rounding cut, a count
+        # that the last bits of the small values decide (another BLAS path, another
+        # device); the directions past it carry only rounding.
+        single_low, single_high = tail_high[..., 0] <= 0, tail_low[..., 0] <= 0
+        rank = torch.where(zero | single_low, 1, low.shape[-1])
+        return rank, zero | (single_low == single_high)
+    rank, earliest = _first(surely_reached), _first(maybe_reached)
     return torch.where(zero, 1, rank), zero | (rank == earliest)
 
 
@@ -104,7 +112,8 @@ def energy_entropy_ranks(S: torch.Tensor, shape, eta: float) -> torch.Tensor:
 
     The smallest ``r`` with ``sum_{i<=r} h_i >= eta H`` (1 when ``H == 0``), with
     ``p_i = S_i² / sum S_j²`` over the values above ``S_1 max(m, n) eps``
-    (``nonzero_mask``); computed in float64, on ``S``'s device.
+    (``nonzero_mask``); ``eta = 1``: full rank ``min(m, n)`` by definition where
+    ``H > 0`` (no cut that rounding could move); computed in float64, on ``S``'s device.
     """
     energy = torch.where(nonzero_mask(S, shape), S.to(torch.float64), 0.0).square()
     total = energy.sum(dim=-1, keepdim=True)

@@ -78,6 +78,21 @@ def project_update(
     return linalg.left_project(orthogonal_basis(alignment, rank, svd), update)
 
 
+# How far the kernel's float32 cosine may sit from the exact one: rounding of its dot
+# products (about sqrt(n) u for n ~ 1e7 elements, u = 6e-8), with room to spare; an
+# orthogonal projection from a certified sketch or the Gram path adds the Agreement's
+# bound on the subspace (linalg.RANDOMIZED.tolerance).
+FLOAT32_COSINE_ACCURACY = 1e-5
+
+
+def cosine_accuracy(projection: str = "scaled", svd: str = "auto") -> float:
+    """The margin within which a recomputed cosine (another BLAS path, device or the
+    float64 reference) may fall on the other side of a threshold."""
+    if projection == "orthogonal" and svd != "exact":
+        return max(FLOAT32_COSINE_ACCURACY, linalg.RANDOMIZED.tolerance)
+    return FLOAT32_COSINE_ACCURACY
+
+
 def update_cosine(
     alignment: torch.Tensor,
     update: torch.Tensor,

@@ -35,12 +35,21 @@ class Scored:
     cos: float
 
 
-def select_lowest(scores: Sequence[Scored], num_layers: int, what: str) -> Tuple[float, List[Scored]]:
-    """Safe LoRA's number mode: ``threshold`` = the N-th lowest cosine.
+def select_lowest(
+    scores: Sequence[Scored], num_layers: int, what: str, *, accuracy: float = 0.0, warn=None
+) -> Tuple[float, List[Scored]]:
+    """Safe LoRA's number mode: the ``num_layers`` lowest cosines and a threshold that
+    selects exactly them.
 
-    As the reference (``np.sort(cos)[:N][-1]`` then ``cos <= thrs``), every unit
-    at or below that cosine is projected, so ties at the N-th value select more
-    than N. Units without a cosine (V == 0, dW == 0, 1-D) never count.
+    The reference takes ``np.sort(cos)[:N][-1]`` and projects ``cos <= thrs``: the N-th
+    tensor then sits exactly at the threshold, and a merge that recomputes its cosine
+    (another CPU's BLAS path, ``--cuda``, another dtype) projects it or not by the last
+    bit. The threshold here is the midpoint between the N-th lowest cosine and the next
+    higher one (the N-th plus ``accuracy`` when none is higher), so any recomputation
+    within half the gap decides the same. Tensors that tie with the N-th are selected
+    too, as in the reference. ``warn(message)`` is called, naming both tensors, when the
+    gap is below ``2 accuracy`` (the cosine's accuracy in the kernel's computation).
+    Units without a cosine (V == 0, dW == 0, 1-D) never count.
     """
     ranked = sorted(scores, key=lambda s: (s.cos, s.name))
     if num_layers < 1:
@@ -50,8 +59,19 @@ def select_lowest(scores: Sequence[Scored], num_layers: int, what: str) -> Tuple
             f"--num-layers {num_layers} but {what} has only {len(ranked)} "
             "tensor(s) with a Safe LoRA cosine (2-D or more, V != 0, dW != 0)"
         )
-    threshold = ranked[num_layers - 1].cos
-    return threshold, [s for s in ranked if s.cos <= threshold]
+    nth = ranked[num_layers - 1]
+    selected = [s for s in ranked if s.cos <= nth.cos]
+    following = ranked[len(selected)] if len(selected) < len(ranked) else None
+    if following is None:
+        return nth.cos + accuracy, selected
+    threshold = nth.cos + (following.cos - nth.cos) / 2
+    if warn is not None and following.cos - nth.cos < 2 * accuracy:
+        warn(
+            f"warning: {what}: cosine number {len(selected)} from the lowest ({nth.name}, {nth.cos:.8g}) and the next "
+            f"({following.name}, {following.cos:.8g}) differ by {following.cos - nth.cos:.2g}, within the cosine's "
+            f"accuracy {accuracy:.0e}: a merge on another CPU, GPU or dtype may project a different set"
+        )
+    return threshold, selected
 
 
 def refuse_inside(out: str, inputs: Sequence[Tuple[str, str]]) -> None:

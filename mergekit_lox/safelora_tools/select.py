@@ -88,6 +88,16 @@ def recipe_cosines(
     return [Scored(name, cos) for name, cos in results]
 
 
+def recipe_cosine_accuracy(document: dict) -> float:
+    """``safelora.cosine_accuracy`` for the recipe's ``projection`` and ``svd``; the
+    loosest one when either is given per tensor (a list of filters)."""
+    parameters = document.get("parameters") or {}
+    projection, svd = parameters.get("projection", "scaled"), parameters.get("svd", "auto")
+    if not isinstance(projection, str) or not isinstance(svd, str):
+        return safelora.cosine_accuracy("orthogonal", "auto")
+    return safelora.cosine_accuracy(projection, svd)
+
+
 def write_selected_recipe(recipe: str, out: str, threshold: float, selected: Sequence[Scored], num_layers: int) -> None:
     document = read_recipe(recipe)
     parameters = document.get("parameters") or {}
@@ -95,8 +105,9 @@ def write_selected_recipe(recipe: str, out: str, threshold: float, selected: Seq
     document["parameters"] = parameters
     header = (
         f"{WRITTEN_BY} {os.path.basename(recipe)} --num-layers {num_layers}`:\n"
-        f"# threshold = Safe LoRA cosine number {num_layers} from the lowest ({selected[num_layers - 1].name});\n"
-        f"# {len(selected)} tensor(s) have a cosine at or below it and are projected.\n"
+        f"# threshold = midway between Safe LoRA cosine number {num_layers} from the lowest "
+        f"({selected[num_layers - 1].name}) and the next higher one;\n"
+        f"# {len(selected)} tensor(s) have a cosine below it and are projected.\n"
     )
     from mergekit_lox.files.output import atomic_write_text
 
@@ -148,15 +159,20 @@ def safelora_select(
     device: str = "cpu",
     echo: Callable[[str], None] = print,
 ) -> Tuple[float, List[Scored]]:
-    """Number mode: write ``out`` = ``recipe`` with threshold = N-th lowest cosine."""
+    """Number mode: write ``out`` = ``recipe`` with a threshold between the N-th lowest
+    cosine and the next (``select_lowest``)."""
     refuse_inside(out, recipe_inputs(recipe))
     refuse_to_overwrite(recipe, out)
     if lora_merge_cache is None:
         lora_merge_cache = default_lora_merge_cache(out)
     scores = recipe_cosines(recipe, lora_merge_cache=lora_merge_cache, device=device)
-    threshold, selected = select_lowest(scores, num_layers, f"recipe {recipe}")
+    accuracy = recipe_cosine_accuracy(read_recipe(recipe))
+    threshold, selected = select_lowest(scores, num_layers, f"recipe {recipe}", accuracy=accuracy, warn=echo)
     write_selected_recipe(recipe, out, threshold, selected, num_layers)
-    echo(f"threshold {threshold!r}: cosine number {num_layers} from the lowest, of {len(scores)}")
+    echo(
+        f"threshold {threshold!r}: midway between cosine number {num_layers} from the lowest "
+        f"and the next, of {len(scores)}"
+    )
     echo_selection(selected, num_layers, "tensor", echo)
     echo(f"wrote {out}")
     return threshold, selected
