@@ -236,6 +236,14 @@ def test_summary_recovers_the_planted_structure(family, states, family_analysis)
     assert [p["name"] for p in summary["safelora"]["projected"]] == sorted(
         (n for n, c in cosines.items() if c <= 0.5), key=cosines.get
     )
+    # SafeMERGE: the same cosine against safemerge's default threshold, strictly.
+    from mergekit.merge_methods import get
+
+    threshold = next(p.default for p in get("safemerge").spec.parameters if p.name == "threshold")
+    assert summary["safemerge"]["threshold"] == threshold == 0.35
+    assert [p["name"] for p in summary["safemerge"]["merged"]] == sorted(
+        (n for n, c in cosines.items() if c < threshold), key=cosines.get
+    )
     spectra = summary["representative_spectra"]
     # One tensor per module type at the middle layer (of 2: layer 1), then embed and lm_head.
     assert len(spectra) == 9 and "model.layers.1.self_attn.q_proj.weight" in spectra
@@ -259,6 +267,9 @@ def test_crafted_tensors_stack_zero_and_safelora(crafted):
     assert rows[UNCHANGED]["r_ft"] == pytest.approx(rows[UNCHANGED]["r_align"], rel=1e-6)
     assert [p["name"] for p in analysis.summary["safelora"]["projected"]] == [PROJECTED]
     assert rows[PROJECTED]["safelora_cos"] < 0.5 < 0.9 < rows[KEPT]["safelora_cos"]
+    # safemerge merges what its cosine puts strictly below its default 0.35.
+    assert rows[PROJECTED]["safelora_cos"] < 0.33  # clear of 0.35 by more than rounding
+    assert [p["name"] for p in analysis.summary["safemerge"]["merged"]] == [PROJECTED]
 
 
 def test_bf16_sharded_family_with_filter(family_bf16_sharded):

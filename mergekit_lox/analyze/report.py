@@ -128,6 +128,13 @@ def render_report(analysis: Analysis) -> str:
             f"the alignment subspace; <code>safelora_project</code> with threshold {threshold:g} replaces those "
             f"tensors (red) by W_aligned + C dW. {len(projected)} of {n} tensors would be projected.</p>"
         )
+        merging = summary.get("safemerge") or {}
+        if merging:
+            parts.append(
+                f"<p><code>safemerge</code> (SafeMERGE) compares the same cosine with its default threshold "
+                f"{merging['threshold']:g} (strictly) and would merge {len(merging['merged'])} of {n} tensors "
+                "toward its safety model (all in analysis.json).</p>"
+            )
         cosines = [float(r["safelora_cos"]) for r in rows if r.get("safelora_cos") is not None]
         parts.append(histogram_svg(cosines, threshold))
         if projected:

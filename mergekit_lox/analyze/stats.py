@@ -20,6 +20,9 @@ FINETUNED_KEYS = ("r_ft", "safelora_cos")
 
 
 SAFELORA_THRESHOLD = 0.5
+# safemerge's default threshold (its kernel's `threshold`; tests/test_analyze.py holds them equal):
+# the same cosine, compared strictly. Not imported, so that analyze loads no merge method.
+SAFEMERGE_THRESHOLD = 0.35
 
 
 # k = 1..CURVE_RANKS for the r(k) curves and the spectral-gap rank suggestion.
@@ -254,6 +257,15 @@ def summarize(
             "threshold": SAFELORA_THRESHOLD,
             "projection": "scaled",
             "projected": [{"name": r["name"], "cos": r["safelora_cos"]} for r in projected],
+        }
+        summary["safemerge"] = {
+            "threshold": SAFEMERGE_THRESHOLD,
+            "projection": "scaled",
+            "merged": [
+                {"name": r["name"], "cos": r["safelora_cos"]}
+                for r in projected
+                if r["safelora_cos"] < SAFEMERGE_THRESHOLD
+            ],
         }
     summary["curves"] = curves
     representatives = representative_tensors([str(r["name"]) for r in rows])

@@ -83,20 +83,6 @@ def merge(
     return torch.where(cos < threshold, merged, W_f).to(finetuned.dtype)
 
 
-def require_same_shape(group: TensorGroup, inputs: dict, role) -> None:
-    """A safety model of another architecture fails naming the tensor and the models
-    (`mergekit-lox check` and `run` find it from the file headers before merging)."""
-    W_f, W_s = inputs[FINETUNED], inputs[SAFETY]
-    if W_s.shape == W_f.shape:
-        return
-    models = {r: m for m, r in dict(role).items()}
-    raise ValueError(
-        f"{NAME}: tensor {group.metadata.name} has shape {tuple(W_s.shape)} in the safety model "
-        f"{models.get(SAFETY)} but {tuple(W_f.shape)} in the fine-tune {models.get(FINETUNED)}: "
-        "the safety model must share the fine-tune's architecture"
-    )
-
-
 @merge_method(
     name=NAME,
     pretty_name="SafeMERGE",
@@ -113,7 +99,6 @@ def safemerge(
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
-    require_same_shape(group, inputs, role)
     warn_low_precision(NAME, inputs[FINETUNED])
     merged = merge(
         inputs[FINETUNED],
