@@ -3,9 +3,9 @@
 Every function takes models as state dicts (``{name: tensor}``) or ``nn.Module``
 objects (their ``state_dict()``) with the same weight names, and computes with
 the very functions the merge methods run (``methods/lox.py``, ``lssf.py``,
-``safelora.py``), weight by weight:
+``safelora.py``, ``safemerge.py``), weight by weight:
 
-- ``lox``, ``lssf``, ``safelora``: the merged state dict;
+- ``lox``, ``lssf``, ``safelora``, ``safemerge``: the merged state dict;
 - ``lox_adapter``, ``lssf_adapter``: the term LoX / LSSF adds, as a PEFT LoRA
   adapter (``LoraConfig`` and PEFT's state dict; ``out=DIR`` writes it);
 - ``apply_safelora``: Safe LoRA's projection of a ``PeftModel``'s LoRA weights,
@@ -134,6 +134,35 @@ def safelora(
         lambda base, aligned, finetuned: project(finetuned, aligned, base, threshold, projection, rank, svd),
         "finetuned",
         _states(base=base, aligned=aligned, finetuned=finetuned),
+    )
+
+
+def safemerge(
+    base: StateLike,
+    aligned: StateLike,
+    finetuned: StateLike,
+    safety: StateLike,
+    threshold: float = 0.35,
+    safety_weight: float = 0.2,
+    projection: str = "scaled",
+    rank: int = 8,
+    svd: str = "auto",
+):
+    """``safemerge``: ``(1 - w) W_f + w W_s`` where Safe LoRA's cosine is < threshold, else
+    ``W_f`` (``safety``: the aligned model tuned on safety data; docs/safemerge.md)."""
+    from mergekit_lox.methods.safemerge import merge
+
+    linalg.check_svd_mode(svd)
+    if not -1 <= threshold <= 1 or not 0 <= safety_weight <= 1:
+        raise ValueError(
+            f"safemerge: need -1 <= threshold <= 1 and 0 <= safety_weight <= 1; got {threshold}, {safety_weight}"
+        )
+    return _merge(
+        lambda base, aligned, finetuned, safety: merge(
+            finetuned, safety, aligned, base, threshold, safety_weight, projection, rank, svd
+        ),
+        "finetuned",
+        _states(base=base, aligned=aligned, finetuned=finetuned, safety=safety),
     )
 
 

@@ -110,9 +110,9 @@ class RecipeEvaluator:
         base = self.model(doc["base_model"])
         models = [(m["model"], m.get("parameters") or {}) for m in doc["models"]]
         top = doc.get("parameters") or {}
-        if method in ("lox_extrapolate", "lssf_fusion", "safelora_project"):
+        if method in ("lox_extrapolate", "lssf_fusion", "safelora_project", "safemerge"):
             return self._ours(method, base, models, top)
-        if method in ("task_arithmetic", "ties"):
+        if method in ("task_arithmetic", "ties", "dare_linear"):
             return self._task_vectors(method, doc["base_model"], base, models, top)
         raise NotImplementedError(method)
 
@@ -136,6 +136,17 @@ class RecipeEvaluator:
                     p.get("rank", 0),
                     p.get("top_weight", 1.0),
                 )
+            elif method == "safemerge":
+                out[name] = ref.safemerge(
+                    by_role["finetuned"][name],
+                    by_role["safety"][name],
+                    W_a,
+                    W_b,
+                    p.get("threshold", 0.35),
+                    p.get("safety_weight", 0.2),
+                    p.get("projection", "scaled"),
+                    p.get("rank", 8),
+                )
             else:
                 out[name] = ref.safelora(
                     by_role["finetuned"][name],
@@ -155,7 +166,10 @@ class RecipeEvaluator:
             p = {k: setting(v, name) for k, v in top.items()}
             weights = [setting(params["weight"], name) for _, params in inputs]
             deltas = [state[name] - W_b for state, _ in inputs]
-            if method == "task_arithmetic":
+            if method == "dare_linear":
+                # Density 1 keeps every entry (and rescales by 1): task arithmetic.
+                assert all(setting(params.get("density", 1.0), name) == 1.0 for _, params in inputs)
+            if method in ("task_arithmetic", "dare_linear"):
                 mixed = sum(w * d for w, d in zip(weights, deltas, strict=True))
                 if p.get("normalize", False):
                     mixed = mixed / sum(weights)

@@ -174,3 +174,8 @@ def safemerge_code_cosine(P, lora_A, lora_B) -> float:
 def safemerge_code_projection(V) -> np.ndarray:
     norm = np.linalg.norm(V)
     return np.zeros((V.shape[0], V.shape[0])) if norm < 1e-9 else V @ V.T / norm
+
+
+def resta(W_sft, W_aligned, W_unaligned, beta):
+    """RESTA (Bhardwaj et al., ACL 2024): theta_sft + beta (theta_aligned - theta_unaligned)."""
+    return W_sft + beta * (W_aligned - W_unaligned)

@@ -58,6 +58,21 @@ def test_merges_match_float64_formulas(states, modules):
     assert_all_close(out, {n: ref.safelora(finetuned[n], aligned[n], base[n], threshold) for n in finetuned})
     assert 0 < sum(not torch.equal(out[n], states["finetuned"][n]) for n in out) < len(cosines)
 
+    safety = {n: aligned[n] + 0.5 * (aligned[n] - base[n]) for n in aligned}
+    out = api.safemerge(
+        states["base"],
+        modules["aligned"],
+        states["finetuned"],
+        {n: torch.from_numpy(t).float() for n, t in safety.items()},
+        threshold=threshold,
+        safety_weight=0.4,
+    )
+    expected = {n: ref.safemerge(finetuned[n], safety[n], aligned[n], base[n], threshold, 0.4) for n in finetuned}
+    assert_all_close(out, expected)
+    assert 0 < sum(not torch.equal(out[n], states["finetuned"][n]) for n in out) < len(cosines)
+    with pytest.raises(ValueError, match="threshold <= 1"):
+        api.safemerge(states["base"], states["aligned"], states["finetuned"], states["aligned"], threshold=2.0)
+
 
 def test_lox_adapter_in_memory_merges_to_lox(family, states, modules):
     from peft import get_peft_model, set_peft_model_state_dict

@@ -4,7 +4,8 @@ Offline, every Hugging Face ID is replaced by a local fixture playing the
 same part (pretrained base, aligned model, fine-tunes, a PEFT LoRA adapter).
 Two more substitutions make outputs comparable to a float64 evaluation at
 1e-4: `dtype` becomes float32 and `out_dtype` is dropped (the real recipes
-store bfloat16/float16, which only rounds the result). Everything else --
+store bfloat16/float16, which only rounds the result); a `dare_linear` recipe
+runs at density 1 (its random drops are tests/test_resta.py's). Everything else --
 methods, parameters, roles, chain references, tokenizer_source -- is run as
 written, through `mergekit-lox run` (in-process), and every output tensor of
 every stage is compared with recipe_reference's independent evaluation.
@@ -48,6 +49,10 @@ PARTS = {
     "arcee-ai/Llama-3.1-SuperNova-Lite": "finetuned",
     "akjindal53244/Llama-3.1-Storm-8B": "finetuned2",
     "FinGPT/fingpt-forecaster_dow30_llama2-7b_lora": "adapter",
+    # RESTA's unaligned model (the chat model fine-tuned on harmful data): a placeholder id.
+    "your-name/Llama-2-7b-chat-unaligned": "unaligned",
+    # SafeMERGE's safety model (the chat model tuned on safety data): a placeholder id.
+    "your-name/Llama-2-7b-chat-safety": "safety",
 }
 
 
@@ -94,6 +99,20 @@ def fixtures(family, states, tmp_path_factory):
         "finetuned": family.finetuned,
         "finetuned2": second,
         "adapter": build_adapter(family, str(root / "adapter")),
+        # The aligned model with its planted safety component removed, plus an update of its own.
+        "unaligned": save_model(
+            erode(states["aligned"], family.planted, erosion=1.0, task_strength=0.2, seed=31),
+            llama_config(spec),
+            make_tokenizer(spec.vocab_size),
+            str(root / "unaligned"),
+        ),
+        # The aligned model with more of its planted safety component, plus an update of its own.
+        "safety": save_model(
+            erode(states["aligned"], family.planted, erosion=-0.3, task_strength=0.1, seed=41),
+            llama_config(spec),
+            make_tokenizer(spec.vocab_size),
+            str(root / "safety"),
+        ),
     }
 
 
@@ -114,6 +133,11 @@ def substitute(recipe: str, fixtures: dict, out_dir: str) -> str:
     for doc in documents:
         doc["dtype"] = "float32"
         doc.pop("out_dtype", None)
+        if doc["merge_method"] == "dare_linear":
+            # DARE's drops are random: compared here at density 1 (the formula around them);
+            # the drops themselves are checked in tests/test_resta.py.
+            for model in doc["models"]:
+                model.setdefault("parameters", {})["density"] = 1.0
     path = os.path.join(out_dir, os.path.basename(recipe))
     with open(path, "w") as f:
         yaml.safe_dump_all(documents, f, sort_keys=False)
@@ -126,7 +150,7 @@ def test_there_are_recipes_for_every_workflow():
         with open(recipe) as f:
             methods.update(d["merge_method"] for d in yaml.safe_load_all(f))
     assert len(RECIPES) >= 5
-    assert {"lox_extrapolate", "lssf_fusion", "safelora_project"} <= methods
+    assert {"lox_extrapolate", "lssf_fusion", "safelora_project", "safemerge"} <= methods
     assert methods & {"ties", "task_arithmetic"}
 
 
@@ -166,19 +190,36 @@ def test_recipe_runs_end_to_end_on_fixtures(recipe, fixtures, tmp_path):
         assert any(not torch.equal(final[t], source[t]) for t in final), key
 
 
-def test_safelora_recipe_exercises_both_decisions(fixtures):
-    """The adapter fixture must make Safe LoRA keep some tensors and project others,
-    with cosines clear of the threshold, or the end-to-end test proves less."""
+def adapter_cosines(fixtures) -> dict:
+    """Float64 Safe LoRA cosine of every matrix the adapter fixture changes (SafeMERGE's too)."""
     base = recipe_reference.load_model(fixtures["base"])
     aligned = recipe_reference.load_model(fixtures["aligned"])
     tuned = recipe_reference.fold_lora(aligned, fixtures["adapter"])
-    cosines = {
+    return {
         name: ref.safelora_cosine(tuned[name], aligned[name], base[name])
         for name in tuned
         if tuned[name].ndim == 2 and not np.array_equal(tuned[name], aligned[name])
     }
+
+
+def test_safelora_recipe_exercises_both_decisions(fixtures):
+    """The adapter fixture must make Safe LoRA keep some tensors and project others,
+    with cosines clear of the threshold, or the end-to-end test proves less."""
+    cosines = adapter_cosines(fixtures)
     assert cosines
     assert all(abs(c - 0.5) > 0.02 for c in cosines.values()), cosines
     kept = {n for n, c in cosines.items() if c > 0.5}
     assert kept and kept != set(cosines)
     assert all("q_proj" in n for n in kept)
+
+
+def test_safemerge_recipe_exercises_both_decisions(fixtures):
+    """At the recipe's threshold 0.35 the adapter fixture makes SafeMERGE keep its q_proj
+    updates (in the safety subspace) and merge the others, with cosines clear of it."""
+    with open(os.path.join(RECIPES_DIR, "safemerge-llama2-7b.yml")) as f:
+        threshold = yaml.safe_load(f)["parameters"]["threshold"]
+    cosines = adapter_cosines(fixtures)
+    assert all(abs(c - threshold) > 0.02 for c in cosines.values()), cosines
+    merged = {n for n, c in cosines.items() if c < threshold}
+    assert merged and merged != set(cosines)
+    assert not any("q_proj" in n for n in merged)

@@ -332,7 +332,7 @@ def check_subspace(report: Report, doc: Document, method: str, group, resolved: 
 
 # Methods whose result is a small correction of an input: rounding the inputs to 16 bits
 # before the kernel (mergekit casts to `dtype`) costs 2-50% of a LoRA-sized update.
-PRECISION_SENSITIVE = ("safelora_project", "lssf_fusion")
+PRECISION_SENSITIVE = ("safelora_project", "lssf_fusion", "safemerge")
 
 
 def check_precision(report: Report, doc: Document) -> None:
