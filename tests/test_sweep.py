@@ -8,6 +8,7 @@ number is reproducible and can be recomputed independently here.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -21,7 +22,8 @@ from typing import List
 import pytest
 import yaml
 
-from mergekit_lox.demo import lox_recipe
+from mergekit_lox.demo import lox_recipe, realign_recipe
+from mergekit_lox.html.svg import fmt
 from mergekit_lox.sweep import SweepError, run_sweep
 from mergekit_lox.sweep.overrides import apply, expand_grid
 from mergekit_lox.sweep.results import choose, pareto_front
@@ -129,14 +131,23 @@ def test_results_files_and_chosen_point(local, family):
     assert "perplexity (lower is better)" in html and f"Point {best}:" in html
 
 
-def test_ray_sweep_gives_the_same_metrics(setup, local):
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the module's Ray tests (starting one costs seconds)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    runtime_env = {}
     try:
-        state = run_sweep(str(setup / "sweep.yml"), str(setup / "ray"), executor="ray", echo=quiet)
-        assert ray.is_initialized()  # a Ray the caller started is left running
-    finally:
-        ray.shutdown()
+        import mergekit_lox.attack  # noqa: F401
+    except ImportError:  # TEMPORARY until h24a's attack lands: the stub in the workers too
+        runtime_env["worker_process_setup_hook"] = "tests.attack_stub.install"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_sweep_gives_the_same_metrics(setup, local, ray_session):
+    state = run_sweep(str(setup / "sweep.yml"), str(setup / "ray"), executor="ray", echo=quiet)
+    assert ray_session.is_initialized()  # a Ray the caller started is left running
     expected, _ = local
     for got, want in zip(metrics(state), metrics(expected), strict=True):
         assert got[:3] == want[:3]
@@ -501,3 +512,257 @@ def test_ray_starts_a_new_local_instance_unless_told_where(monkeypatch):
     RayExecutor(None, 1.0, 0.0)
     RayExecutor("auto", 1.0, 0.0)
     assert [c["address"] for c in calls] == ["local", "auto"]
+
+
+# -- staged sweeps (issue 24): defend -> attack -> repair -> eval ---------------------------------
+
+FT_ROWS = [{"prompt": f"w{i} w{i + 1}", "answer": f"w{i + 2} w{i + 3} w{i + 4}"} for i in range(1, 9)]
+ATTACKS = {
+    "lora": {"data": "ft.jsonl", "lora": 2, "max_steps": 2, "lr": 0.5},
+    "full": {"data": "ft.jsonl", "full": True, "max_steps": 2, "lr": 0.05},
+}
+STAGED_POINTS = [
+    {"defend.parameters.alpha": 0.5, "repair.parameters.scale": 1.0},
+    {"defend.parameters.alpha": 0.5, "repair.parameters.scale": 2.0},  # the same defense as point 0
+    {"defend.parameters.alpha": 1.25, "repair.parameters.scale": 1.0},
+]
+
+
+class AttackRuns:
+    """Wraps mergekit_lox.attack.run_attack: the output folders of the attacks that trained
+    (an attack whose folder already existed was resumed, not run)."""
+
+    def __init__(self):
+        import mergekit_lox.attack
+
+        self.module, self.real, self.trained = mergekit_lox.attack, mergekit_lox.attack.run_attack, []
+
+    def __call__(self, model, settings, out, *args, **kwargs):
+        if not os.path.exists(out):
+            self.trained.append(os.path.relpath(str(out), str(out).split("/defenses/")[0].split("/baseline/")[0]))
+        return self.real(model, settings, out, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def attack_runs():
+    try:
+        import mergekit_lox.attack  # noqa: F401
+    except ImportError:  # TEMPORARY until h24a's attack lands: the stub of the same interface
+        from tests import attack_stub
+
+        attack_stub.install()
+    import mergekit_lox.attack
+
+    runs = AttackRuns()
+    mergekit_lox.attack.run_attack = runs
+    yield runs
+    mergekit_lox.attack.run_attack = runs.real
+
+
+def staged_sweep_file(setup, family, path, **changes):
+    (setup / "ft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in FT_ROWS))
+    repair = realign_recipe("lssf_fusion", family, {"scale": 1.0, "eta": 0.9})
+    repair["models"][1]["model"] = "$attacked"
+    raw = {
+        "defend": "lox.yml",
+        "attack": ATTACKS,
+        "repair": repair,
+        "points": STAGED_POINTS,
+        "eval": {"safety": "harm.jsonl", "column": "prompt", "judge": "keyword", "max_new_tokens": 4},
+        "keep": "all",
+        "tolerance": 0.5,
+    }
+    raw["eval"]["utility"] = "wiki.txt"
+    raw.update(changes)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def staged(setup, family, attack_runs):
+    path = staged_sweep_file(setup, family, setup / "staged.yml")
+    state = run_sweep(path, str(setup / "staged"), echo=quiet)
+    return state, setup / "staged", list(attack_runs.trained)
+
+
+def staged_numbers(state):
+    """Every eval number of a staged sweep, the baseline first."""
+    rows = []
+    for row in [state["baseline"], *state["points"]]:
+        for name, outcome in [("before", {"eval": row["eval"]}), *sorted(row["attacks"].items())]:
+            for kind in ("eval", "repaired"):
+                entry = outcome.get(kind)
+                if entry is not None:
+                    rows.append((name, kind, entry["safety"]["refused"], entry["utility"]["perplexity"]))
+    return rows
+
+
+def test_staged_sweep_defends_attacks_repairs_and_evaluates(setup, family, staged, tmp_path):
+    from mergekit_lox.evaluate import run_eval
+    from mergekit_lox.run import run_recipe
+
+    state, out, trained = staged
+    assert [p["status"] for p in state["points"]] == ["ok"] * 3, [p["error"] for p in state["points"]]
+    assert state["baseline"]["status"] == "ok", state["baseline"].get("error")
+    # Each attack ran once per defense and once on the undefended baseline: points 0 and 1 share one.
+    expected = [f"defenses/{d}/attacks/{a}/run" for d in ("000", "002") for a in ATTACKS]
+    assert sorted(trained) == sorted(expected + [f"baseline/attacks/{a}/run" for a in ATTACKS])
+    first, second, third = state["points"]
+    assert first["eval"] == second["eval"] and first["attacks"]["lora"]["eval"] == second["attacks"]["lora"]["eval"]
+    assert first["eval"]["utility"]["perplexity"] != third["eval"]["utility"]["perplexity"]
+    # The repair stage merged the attacked model: recompute point 1's LSSF repair of the LoRA attack
+    # from the attack's model and compare with what the sweep recorded.
+    written = yaml.safe_load((out / "points/001/repair/lora/recipe.yml").read_text())
+    attacked = str(out / "defenses/000/attacks/lora/run/model")
+    assert written["models"][1]["model"] == attacked and written["parameters"]["scale"] == 2.0
+    repair = realign_recipe("lssf_fusion", family, {"scale": 2.0, "eta": 0.9})
+    repair["models"][1]["model"] = attacked
+    (tmp_path / "repair.yml").write_text(yaml.safe_dump(repair))
+    run_recipe(str(tmp_path / "repair.yml"), str(tmp_path / "repaired"), ["--quiet"])
+    options = {**EVAL, "safety": str(setup / "harm.jsonl"), "utility": str(setup / "wiki.txt")}
+    alone = run_eval([str(tmp_path / "repaired")], str(tmp_path / "eval"), **options, progress=False, echo=quiet)
+    recorded = second["attacks"]["lora"]["repaired"]
+    assert recorded["safety"] == alone["models"][0]["safety"]
+    assert recorded["utility"]["perplexity"] == pytest.approx(alone["models"][0]["utility"]["perplexity"], rel=1e-9)
+    # Worst case over the attacks (after repair), and the choice made on it.
+    for point in [*state["points"]]:
+        finals = {a: point["attacks"][a]["repaired"] for a in ATTACKS}
+        rate = min(f["safety"]["refusal_rate"] for f in finals.values())
+        ppl = max(f["utility"]["perplexity"] for f in finals.values())
+        assert (point["worst"]["refusal_rate"], point["worst"]["perplexity"]) == (rate, ppl)
+        assert finals[point["worst"]["perplexity_attack"]]["utility"]["perplexity"] == ppl
+    points = [{**p, "eval": {"safety": {"refusal_rate": p["worst"]["refusal_rate"]}}} for p in state["points"]]
+    for p, original in zip(points, state["points"], strict=True):
+        p["eval"]["utility"] = {"perplexity": original["worst"]["perplexity"]}
+        del p["worst"]
+    reference = state["baseline"]["eval"]["safety"]["refusal_rate"]
+    assert state["reference"]["refusal_rate"] == reference  # the baseline's eval before its attacks
+    assert state["chosen"] == choose(points, reference, 0.5)[0]
+    baseline_worst = min(state["baseline"]["attacks"][a]["eval"]["safety"]["refusal_rate"] for a in ATTACKS)
+    assert state["baseline"]["worst"]["refusal_rate"] == baseline_worst
+    with open(out / "sweep.csv") as f:
+        header, *rows = list(csv.reader(f))
+    worst = [p["worst"]["perplexity"] for p in state["points"]]
+    assert [float(r[header.index("worst_perplexity")]) for r in rows] == pytest.approx(worst, rel=1e-12)
+    full = [p["attacks"]["full"]["eval"]["safety"]["refusal_rate"] for p in state["points"]]
+    assert [float(r[header.index("full.refusal_rate")]) for r in rows] == full
+
+
+def test_staged_report_shows_before_after_worst_case_and_baseline(staged, tmp_path):
+    from browser import chromium_render
+
+    from mergekit_lox.sweep.report import render_report
+
+    state, out, _ = staged
+    html = (out / "report.html").read_text()
+    ET.fromstring(html.split("\n", 1)[1])
+    rendered = chromium_render(out / "report.html", tmp_path)
+    if rendered is None:
+        pytest.skip("chromium is not installed")
+    dom, _ = rendered
+    text = re.sub(r"<[^>]+>", " ", dom)
+    for label in ("before the attacks", "after lora", "after full, repaired", "worst case over the attacks"):
+        assert label in text
+    assert f"baseline: {state['baseline']['model']} undefended" in text
+    assert "worst-case refusal rate after the attacks" in text
+    worst = state["points"][2]["worst"]
+    assert f"{fmt(worst['refusal_rate'], 4)} ({worst['refusal_attack']})" in text
+    # over-refusal (eval --over-refusal) is shown where the eval measured it
+    assert "over-refusal" not in text
+    with_over = json.loads(json.dumps(state))
+    with_over["points"][0]["eval"]["over_refusal"] = {
+        "benchmark": "xstest",
+        "over_refusal_rate": 0.125,
+        "ci95": [0.05, 0.25],
+        "n": 250,
+    }
+    html = render_report(with_over)
+    assert "over-refusal" in html and "0.125 [0.0500\u20130.250] (xstest)" in html
+
+
+def test_staged_sweep_resumes_after_a_kill_without_repeating_an_attack(setup, family, staged, attack_runs):
+    """SIGKILL once a point is recorded; the rerun trains only the attacks not yet finished."""
+    path = staged_sweep_file(setup, family, setup / "staged-kill.yml", keep="none")
+    out = setup / "staged-killed"
+    program = (
+        "import sys; sys.argv = ['mergekit-lox', *sys.argv[1:]]\n"
+        "try:\n    import mergekit_lox.attack\n"
+        "except ImportError:\n    from tests import attack_stub; attack_stub.install()\n"
+        "from mergekit_lox.cli import main; main()\n"
+    )
+    command = [sys.executable, "-c", program, "sweep", path, "-o", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
+    statuses, deadline = [], time.monotonic() + 180
+    while "ok" not in statuses and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            with open(out / "sweep.json") as f:
+                statuses = [p["status"] for p in json.load(f)["points"]]
+        except FileNotFoundError:
+            pass
+    process.kill()
+    process.wait()
+    assert 0 < statuses.count("ok") < 3, statuses
+    finished = {str(p.parent.relative_to(out)) + "/run" for p in out.glob("**/attacks/*/after.json")}
+    assert finished >= {f"defenses/000/attacks/{a}/run" for a in ATTACKS}
+    before = len(attack_runs.trained)
+    state = run_sweep(path, str(out), echo=quiet)
+    again = attack_runs.trained[before:]
+    assert not set(again) & finished  # no finished attack ran again
+    everything = {f"{d}/attacks/{a}/run" for d in ("baseline", "defenses/000", "defenses/002") for a in ATTACKS}
+    assert set(again) | finished == everything and len(again) == len(set(again))
+    expected, _, _ = staged
+    for got, want in zip(staged_numbers(state), staged_numbers(expected), strict=True):
+        assert got[:3] == want[:3] and got[3] == pytest.approx(want[3], rel=1e-9)
+    assert state["chosen"] == expected["chosen"]
+    # keep: none -- every model and attack output is gone, the evals stay.
+    assert not list(out.glob("**/run")) and not list(out.glob("**/model"))
+    assert len(list(out.glob("**/after.json"))) == 6
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"attack": {"lora": {"data": "ft.jsonl", "lorra": 2}}}, "attack: lora: "),
+        ({"attack": {"../x": ATTACKS["lora"]}}, "attack: ../x: an attack's name is letters"),
+        ({"attack": {"a": {"data": "nothere.jsonl", "lora": 2}}}, "attack: a: data: "),
+        ({"points": [{"parameters.alpha": 1.0}]}, "points[0]: parameters.alpha: in a staged sweep an address"),
+        ({"points": [{"defend.parameters.alfa": 1.0}]}, "points[0]: defend.parameters.alfa: lox_extrapolate has no"),
+        ({"recipe": "lox.yml"}, "recipe: a staged sweep (attack:) names its recipe defend:"),
+    ],
+)
+def test_check_refuses_a_bad_staged_sweep(setup, family, attack_runs, capsys, changes, fragment):
+    path = staged_sweep_file(setup, family, setup / "bad-staged.yml", **changes)
+    code, out, err = run_cli(["check", path], capsys)
+    assert code == 1 and out == ""
+    assert f"error: {path}: {fragment}" in err, err
+
+
+def test_check_refuses_repair_placeholders_that_cannot_work(setup, family, attack_runs, capsys):
+    path = staged_sweep_file(setup, family, setup / "placeholders.yml")
+    code, out, _ = run_cli(["check", path], capsys)
+    assert code == 0 and out.startswith(f"ok: {path}: 3 point(s)")
+    repair = realign_recipe("safelora_project", family, {"threshold": 0.5})
+    repair["models"][1]["model"] = "$defended+$adapter"  # Safe LoRA on the attack's adapter
+    path = staged_sweep_file(setup, family, setup / "placeholders.yml", repair=repair, points=[{}])
+    code, out, err = run_cli(["check", path], capsys)
+    assert code == 1 and "repair: uses $adapter, but attack 'full' writes no adapter (give it lora: RANK)" in err
+    repair["models"][1]["model"] = family.finetuned
+    path = staged_sweep_file(setup, family, setup / "placeholders.yml", repair=repair, points=[{}])
+    code, out, err = run_cli(["check", path], capsys)
+    assert code == 1 and "repair: never names the attacked model" in err
+
+
+def test_staged_sweep_on_ray_gives_the_same_numbers(setup, family, staged, ray_session):
+    """One Ray task per point, the points of one defense one after another: the same numbers."""
+    path = staged_sweep_file(setup, family, setup / "staged-ray.yml")
+    out = setup / "staged-ray"
+    state = run_sweep(path, str(out), executor="ray", echo=quiet)
+    expected, _, _ = staged
+    assert [p["status"] for p in state["points"]] == ["ok"] * 3, [p["error"] for p in state["points"]]
+    for got, want in zip(staged_numbers(state), staged_numbers(expected), strict=True):
+        assert got[:3] == want[:3] and got[3] == pytest.approx(want[3], rel=1e-9)
+    assert state["chosen"] == expected["chosen"]
+    assert sorted(str(p.relative_to(out)) for p in out.glob("**/attacks/*/run")) == sorted(
+        f"{d}/attacks/{a}/run" for d in ("baseline", "defenses/000", "defenses/002") for a in ATTACKS
+    )  # keep: all

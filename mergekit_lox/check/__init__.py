@@ -46,8 +46,9 @@ from mergekit_lox.check.schema import check_schema
 
 
 def is_sweep_document(raw) -> bool:
-    """A `mergekit-lox sweep` file, not a recipe: a mapping with ``recipe:`` and ``grid:`` or ``points:``."""
-    return isinstance(raw, dict) and "recipe" in raw and ("grid" in raw or "points" in raw)
+    """A `mergekit-lox sweep` file, not a recipe: a mapping with ``recipe:`` (or a staged
+    sweep's ``defend:``) and ``grid:`` or ``points:``."""
+    return isinstance(raw, dict) and ("recipe" in raw or "defend" in raw) and ("grid" in raw or "points" in raw)
 
 
 def check_text(text: str, recipe: str = "recipe") -> Report:

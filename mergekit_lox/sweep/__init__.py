@@ -67,6 +67,7 @@ def run_sweep(
     from mergekit_lox.sweep.overrides import apply, recipe_yaml
     from mergekit_lox.sweep.points import point_task, reference_task, remove_model
     from mergekit_lox.sweep.report import write_report
+    from mergekit_lox.sweep.staging import Staging
 
     sweep = load_sweep(sweep_file)
     if trust_remote_code:  # the command line's choice, never the file's (spec.CODE_RUNNING_OPTIONS)
@@ -81,8 +82,16 @@ def run_sweep(
     state["sweep"]["executor"] = executor
     reference_model = _reference(sweep, state)
     todo = [p for p in state["points"] if p["status"] == "pending" or (retry_failed and p["status"] == "failed")]
+    staging = Staging(sweep, state, out_dir) if sweep.staged else None
+    if staging is not None and reference_model is not None and reference_model == sweep.baseline:
+        reference_model = None  # the baseline's own eval before the attacks is the reference's
     tasks = [reference_task(reference_model, out_dir, sweep)] if reference_model else []
-    tasks += [point_task(p["index"], out_dir, recipe_yaml(apply(sweep.documents, p["params"])), sweep) for p in todo]
+    if staging is not None:
+        tasks += staging.tasks(todo, retry_failed)
+    else:
+        tasks += [
+            point_task(p["index"], out_dir, recipe_yaml(apply(sweep.documents, p["params"])), sweep) for p in todo
+        ]
     run = executors.make_executor(executor, sweep, ray_address, gpus_per_point, cpus_per_point)
     os.makedirs(out_dir, exist_ok=True)
     total = len(state["points"])
@@ -91,6 +100,9 @@ def run_sweep(
         """keep: best -- delete every merged model that can no longer be the chosen one."""
         fixed = (state.get("reference") or {}).get("refusal_rate") is not None
         if sweep.keep != "best" or not (final or fixed):
+            return
+        if staging is not None:
+            staging.prune()
             return
         for point in state["points"]:
             if point.get("model") and point["index"] != state["chosen"]:
@@ -104,7 +116,10 @@ def run_sweep(
         write_report(state, out_dir)
 
     def on_done(task, result, attempts) -> None:
-        if task["kind"] == "reference":
+        if task["kind"] == "baseline":
+            staging.baseline_done(result, attempts)
+            echo(f"baseline {task['model']}: " + staging.describe(state["baseline"]))
+        elif task["kind"] == "reference":
             entry = result["eval"]
             state["reference"].update(eval=entry, error=result["error"], seconds=result["seconds"])
             state["reference"]["refusal_rate"] = entry["safety"]["refusal_rate"] if entry else None
@@ -114,8 +129,12 @@ def run_sweep(
             point.update({k: result.get(k) for k in ("status", "error", "eval", "seconds", "merge_seconds")})
             point.update(eval_seconds=result.get("eval_seconds"), attempts=attempts, host=result.get("host"))
             point["model"] = os.path.relpath(result["model"], out_dir) if result.get("model") else None
+            if staging is not None:
+                point["attacks"] = result.get("attacks")
+                staging.point_done(point)
             finished = sum(1 for p in state["points"] if p["status"] != "pending")
-            echo(f"[{finished}/{total}] point {point['index']} {point['params']}: {_describe(point)}")
+            described = staging.describe(point) if staging is not None else _describe(point)
+            echo(f"[{finished}/{total}] point {point['index']} {point['params']}: {described}")
         record()
 
     skipped = total - len(todo)

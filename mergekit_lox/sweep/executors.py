@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_lox.errors import one_line
-from mergekit_lox.sweep.points import execute
+from mergekit_lox.sweep.pipeline import execute
 from mergekit_lox.sweep.spec import SweepError
 
 EXECUTORS = ("local", "ray")
@@ -113,8 +113,23 @@ def make_executor(name: str, sweep, address: Optional[str], gpus_per_point: Opti
 
 def drive(executor, tasks: List[Dict[str, Any]], on_done: Callable[[Dict[str, Any], Dict[str, Any], int], None]):
     """Run every task; one that fails runs once more. ``on_done(task, result, attempts)``
-    as each finishes (in the driver, so the record is written by one process)."""
-    running = [(executor.submit(task), task, 1) for task in tasks]
+    as each finishes (in the driver, so the record is written by one process). Tasks with
+    the same ``group`` (a staged sweep's points sharing one defense and its attacks) run
+    one after another, so that no attack runs twice; the others run side by side."""
+    waiting, running, busy = list(tasks), [], set()
+
+    def start_ready(front: bool) -> None:
+        for task in list(waiting):
+            group = task.get("group")
+            if group is not None and group in busy:
+                continue
+            waiting.remove(task)
+            entry = (executor.submit(task), task, 1)
+            running.insert(0, entry) if front else running.append(entry)
+            if group is not None:
+                busy.add(group)
+
+    start_ready(front=False)
     try:
         while running:
             position, result = executor.wait([handle for handle, _, _ in running])
@@ -122,7 +137,9 @@ def drive(executor, tasks: List[Dict[str, Any]], on_done: Callable[[Dict[str, An
             if result["status"] != "ok" and attempt == 1:
                 running.insert(0, (executor.submit(task), task, 2))
                 continue
+            busy.discard(task.get("group"))
             on_done(task, result, attempt)
+            start_ready(front=True)  # locally: a group's next point right after it
     except BaseException:
         executor.cancel([handle for handle, _, _ in running])
         raise

@@ -65,7 +65,7 @@ def merge_options(task: Dict[str, Any]) -> List[str]:
     return options
 
 
-def _merged_output(path: str) -> bool:
+def merged_output(path: str) -> bool:
     from mergekit_lox.files.output import MERGE_OUTPUT_MARKERS
 
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in MERGE_OUTPUT_MARKERS)
@@ -76,20 +76,20 @@ def remove_model(point_dir: str) -> bool:
     only folders inside ``point_dir`` that hold a merge's marker file. True when removed."""
     removed = False
     model = os.path.join(point_dir, MODEL)
-    if _merged_output(model):
+    if merged_output(model):
         shutil.rmtree(model)
         removed = True
     stages = model + ".intermediate"
     if os.path.isdir(stages):
         for name in os.listdir(stages):
-            if _merged_output(os.path.join(stages, name)):
+            if merged_output(os.path.join(stages, name)):
                 shutil.rmtree(os.path.join(stages, name))
         if not os.listdir(stages):
             os.rmdir(stages)
     return removed
 
 
-def _in_cwd(task: Dict[str, Any]) -> None:
+def in_cwd(task: Dict[str, Any]) -> None:
     # Relative model paths in the recipe mean what they meant where the sweep started.
     if os.path.isdir(task["cwd"]) and os.getcwd() != task["cwd"]:
         os.chdir(task["cwd"])
@@ -100,7 +100,7 @@ def execute(task: Dict[str, Any]) -> Dict[str, Any]:
     ``{"status": "ok" | "failed", "error", "eval", "seconds", "merge_seconds", "eval_seconds", "model"}``."""
     from mergekit_lox.files.output import atomic_write_text
 
-    _in_cwd(task)
+    in_cwd(task)
     start = time.monotonic()
     result: Dict[str, Any] = {"status": "failed", "error": None, "eval": None, "merge_seconds": None}
     result.update(eval_seconds=None, model=None, host=os.uname().nodename)

@@ -11,7 +11,9 @@ from typing import Any, Dict, List
 
 from mergekit_lox.html.page import CSS, card
 from mergekit_lox.html.svg import esc, fmt
-from mergekit_lox.sweep.results import REPORT_HTML, SWEEP_CSV, csv_text, number, perplexity, refusal_rate
+from mergekit_lox.sweep.numbers import number
+from mergekit_lox.sweep.results import REPORT_HTML, SWEEP_CSV, csv_text, perplexity, refusal_rate
+from mergekit_lox.sweep.staged_report import baseline_card_text, staged_table
 
 EXTRA_CSS = """
 .plot .point { fill: #9e9e9e; stroke: #fff; }
@@ -20,6 +22,7 @@ EXTRA_CSS = """
 .plot .chosen { fill: none; stroke: #2ca02c; stroke-width: 3; }
 .plot .threshold { stroke: #2ca02c; stroke-dasharray: 2 3; }
 tr.chosen td { background: #eaf6ea; }
+tr.baseline td { background: #f4f4f4; font-style: italic; }
 td.failed { color: #d62728; text-align: left; }
 """
 
@@ -40,8 +43,9 @@ def _params(point: Dict[str, Any]) -> str:
     return ", ".join(f"{address} = {value}" for address, value in point["params"].items()) or "the recipe as written"
 
 
-def scatter_svg(points: List[Dict[str, Any]], chosen, reference, threshold) -> str:
-    """Refusal rate (y, higher is safer) against perplexity (x, lower is better)."""
+def scatter_svg(points: List[Dict[str, Any]], chosen, reference, threshold, staged: bool = False) -> str:
+    """Refusal rate (y, higher is safer) against perplexity (x, lower is better); in a
+    staged sweep both are the worst case over the attacks."""
     done = [p for p in points if p["status"] == "ok" and refusal_rate(p) is not None]
     with_ppl = [p for p in done if perplexity(p) is not None]
     by_index = not with_ppl  # no utility measured: x is the point's number
@@ -96,11 +100,13 @@ def scatter_svg(points: List[Dict[str, Any]], chosen, reference, threshold) -> s
         if p["index"] == chosen:
             out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="10" class="chosen"/>')
     xlabel = "point number (no utility measured)" if by_index else "perplexity (lower is better)"
+    xlabel = xlabel if by_index or not staged else "worst-case perplexity after the attacks (lower is better)"
     xlabel += ", log scale" if log else ""
     out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" class="label" text-anchor="middle">{xlabel}</text>')
+    ylabel = "worst-case refusal rate after the attacks" if staged else "refusal rate (higher is safer)"
     out.append(
         f'<text x="14" y="{top + plot_h / 2}" class="label" text-anchor="middle" '
-        f'transform="rotate(-90 14 {top + plot_h / 2})">refusal rate (higher is safer)</text>'
+        f'transform="rotate(-90 14 {top + plot_h / 2})">{ylabel}</text>'
     )
     out.append("</svg>")
     return "".join(out)
@@ -128,6 +134,7 @@ def render_report(state: Dict[str, Any]) -> str:
     chosen = state.get("chosen")
     counts = {s: sum(1 for p in points if p["status"] == s) for s in ("ok", "failed", "pending")}
     reference, threshold = rule.get("reference_refusal_rate"), rule.get("threshold")
+    staged = bool(sweep.get("staged"))
     parts = [
         '<!DOCTYPE html>\n<html xmlns="http://www.w3.org/1999/xhtml" lang="en"><head><meta charset="utf-8"/>'
         '<meta name="viewport" content="width=device-width, initial-scale=1"/>'
@@ -139,6 +146,9 @@ def render_report(state: Dict[str, Any]) -> str:
         '<div class="cards">',
         card(f"{counts['ok']} / {len(points)}", "points merged and evaluated"),
     ]
+    baseline_text = baseline_card_text(state) if staged else None
+    if baseline_text is not None:
+        parts.append(card(baseline_text, "baseline: the undefended model's refusal rate, before → worst attack"))
     if counts["failed"]:
         parts.append(card(str(counts["failed"]), "points failed (twice)"))
     if counts["pending"]:
@@ -149,13 +159,20 @@ def render_report(state: Dict[str, Any]) -> str:
         parts.append(card(f"point {chosen}", _params(points[chosen]), accent=True))
     parts.append("</div>")
     parts.append("<h2>1. Refusal rate against perplexity</h2>")
+    if staged:
+        parts.append(
+            "<p>A staged sweep: each point is defended, attacked by every attack"
+            + (", repaired" if sweep.get("repair") else "")
+            + " and evaluated; a point is placed (and chosen) by its <b>worst case over the attacks</b>: the "
+            "lowest refusal rate and the highest perplexity any attack left. Section 3 has every number.</p>"
+        )
     parts.append(
         "<p>Each dot is a finished point: up is safer (more harmful prompts refused), left is better utility "
         "(lower perplexity). Blue dots are the Pareto front: no other point is at least as good on both axes "
         "and better on one. The green ring is the chosen point; the dashed lines are the reference refusal "
         "rate and the reference minus the tolerance. Hover a dot for its settings.</p>"
     )
-    parts.append(scatter_svg(points, chosen, reference, threshold))
+    parts.append(scatter_svg(points, chosen, reference, threshold, staged))
     parts.append("<h2>2. The chosen point</h2>")
     if chosen is None:
         parts.append("<p>None yet: no point has finished.</p>")
@@ -164,12 +181,22 @@ def render_report(state: Dict[str, Any]) -> str:
             f"<p><b>Point {esc(chosen)}: {esc(_params(points[chosen]))}</b>: {esc(rule.get('why'))}; reference "
             f"refusal rate {num(reference)} ({esc(rule.get('reference_source'))}), tolerance "
             f"{num(rule.get('tolerance'))}. Its recipe is "
-            f"<code>{esc(os.path.join(points[chosen]['dir'], 'recipe.yml'))}</code>"
+            f"<code>{esc(os.path.join(points[chosen].get('defense') or points[chosen]['dir'], 'recipe.yml'))}</code>"
             + (f"; its model <code>{esc(points[chosen]['model'])}</code>" if points[chosen].get("model") else "")
             + ". The rule is in docs/sweep.md.</p>"
         )
-    parts.append("<h2>3. All points</h2>")
-    parts.append(_table(state))
+    if staged:
+        parts.append("<h2>3. Before and after each attack</h2>")
+        parts.append(
+            "<p>Refusal rate (higher is safer) and perplexity (lower is better) of each point's defended model "
+            "before the attacks, after each attack"
+            + (" and after repair" if sweep.get("repair") else "")
+            + "; the first row is the baseline: the same attacks on the undefended model.</p>"
+        )
+        parts.append(staged_table(state, chosen))
+    else:
+        parts.append("<h2>3. All points</h2>")
+        parts.append(_table(state))
     parts.append(
         '<p class="note">Every number is in sweep.json and sweep.csv beside this file; each point\'s answers '
         "and eval report are in points/NNN/eval/. Written by <code>mergekit-lox sweep</code>.</p>"

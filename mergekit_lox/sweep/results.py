@@ -23,6 +23,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from mergekit_lox.sweep.numbers import number
 from mergekit_lox.sweep.spec import SweepError
 
 SWEEP_JSON = "sweep.json"
@@ -35,12 +36,6 @@ class SweepStateError(SweepError):
     """DIR cannot hold this sweep; the message says why."""
 
 
-def number(value: Any) -> Optional[float]:
-    """``value`` when it is a finite real number, else None (a record is read, not trusted)."""
-    real = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if real and math.isfinite(value) else None
-
-
 def _section(point: Dict[str, Any], name: str) -> Dict[str, Any]:
     entry = point.get("eval")
     section = entry.get(name) if isinstance(entry, dict) else None
@@ -48,10 +43,17 @@ def _section(point: Dict[str, Any], name: str) -> Dict[str, Any]:
 
 
 def refusal_rate(point: Dict[str, Any]) -> Optional[float]:
+    """The refusal rate a point is chosen on: in a staged sweep the worst case over the
+    attacks (``point["worst"]``, set by ``annotate``), else its eval's."""
+    if "worst" in point:
+        return number((point["worst"] or {}).get("refusal_rate"))
     return number(_section(point, "safety").get("refusal_rate"))
 
 
 def perplexity(point: Dict[str, Any]) -> Optional[float]:
+    """The perplexity a point is chosen on (in a staged sweep: the worst case over the attacks)."""
+    if "worst" in point:
+        return number((point["worst"] or {}).get("perplexity"))
     return number(_section(point, "utility").get("perplexity"))
 
 
@@ -113,6 +115,19 @@ def pareto_front(points: List[Dict[str, Any]]) -> List[int]:
 
 
 def new_state(sweep, out_dir: str, executor: str) -> Dict[str, Any]:
+    state = _new_state(sweep, executor)
+    if sweep.staged:
+        from mergekit_lox.sweep import stages
+
+        leaders = stages.group_leaders(stages.defend_texts(sweep))
+        state["sweep"].update(staged=True, attacks=list(sweep.attacks), repair=sweep.repair_label)
+        state["baseline"] = None if sweep.baseline is None else {"model": sweep.baseline, "status": "pending"}
+        for point, leader in zip(state["points"], leaders, strict=True):
+            point.update(defense=stages.defense_dir(leader), attacks=None)
+    return state
+
+
+def _new_state(sweep, executor: str) -> Dict[str, Any]:
     return {
         "format": FORMAT,
         "sweep": {
@@ -171,6 +186,7 @@ def open_state(sweep, out_dir: str, executor: str) -> Dict[str, Any]:
 
 STATUSES = ("ok", "failed", "pending")
 RECORDED = ("status", "error", "eval", "seconds", "merge_seconds", "eval_seconds", "attempts", "host", "model")
+RECORDED_STAGED = ("attacks",)
 
 
 def recorded(state: Dict[str, Any], previous: Any, path: str) -> None:
@@ -193,11 +209,19 @@ def recorded(state: Dict[str, Any], previous: Any, path: str) -> None:
         if old.get("status") not in STATUSES:
             refuse(f"{where}: status {old.get('status')!r} is not one of {', '.join(STATUSES)}")
         model = old.get("model")
-        if model is not None and model != os.path.join(point["dir"], "model"):
-            refuse(f"{where}: model {model!r} is not the point's own {os.path.join(point['dir'], 'model')}")
-        if not isinstance(old.get("eval"), (dict, type(None))):
-            refuse(f"{where}: eval is not a mapping")
-        point.update({k: old[k] for k in RECORDED if k in old})
+        own = os.path.join(point.get("defense") or point["dir"], "model")
+        if model is not None and model != own:
+            refuse(f"{where}: model {model!r} is not the point's own {own}")
+        if not isinstance(old.get("eval"), (dict, type(None))) or not isinstance(
+            old.get("attacks"), (dict, type(None))
+        ):
+            refuse(f"{where}: eval or attacks is not a mapping")
+        point.update({k: old[k] for k in RECORDED + (RECORDED_STAGED if "defense" in point else ()) if k in old})
+    baseline, old = state.get("baseline"), previous.get("baseline")
+    if baseline is not None and isinstance(old, dict) and old.get("status") == "ok":
+        if old.get("model") != baseline["model"] or not isinstance(old.get("attacks"), dict):
+            refuse(f"the baseline is recorded for {old.get('model')!r}, not {baseline['model']!r}")
+        baseline.update({k: old[k] for k in ("status", "eval", "attacks", "seconds", "attempts", "host") if k in old})
     reference = previous.get("reference")
     if isinstance(reference, dict) and isinstance(reference.get("eval"), dict):
         state["reference"] = reference
@@ -205,6 +229,11 @@ def recorded(state: Dict[str, Any], previous: Any, path: str) -> None:
 
 def annotate(state: Dict[str, Any]) -> None:
     """Fill in the reference rate, the chosen point and the Pareto front."""
+    if state["sweep"].get("staged"):
+        from mergekit_lox.sweep.stages import worst_case
+
+        for point in [*state["points"], state.get("baseline") or {}]:
+            point["worst"] = worst_case(point.get("attacks")) if point.get("status") == "ok" else None
     rate, source = reference_rate(state)
     index, why = choose(state["points"], rate, state["sweep"]["tolerance"])
     front = set(pareto_front(state["points"]))
@@ -237,18 +266,40 @@ def _csv_value(value) -> Any:
     return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@") else value
 
 
+def _staged_cells(point: Dict[str, Any], attacks: List[str]) -> Dict[str, Any]:
+    cells: Dict[str, Any] = {}
+    outcomes = point.get("attacks") if isinstance(point.get("attacks"), dict) else {}
+    for name in attacks:
+        outcome = outcomes.get(name) if isinstance(outcomes.get(name), dict) else {}
+        for prefix, entry in (("", {"eval": outcome.get("eval")}), ("repaired_", {"eval": outcome.get("repaired")})):
+            cells[f"{name}.{prefix}refusal_rate"] = number(_section(entry, "safety").get("refusal_rate"))
+            cells[f"{name}.{prefix}perplexity"] = number(_section(entry, "utility").get("perplexity"))
+    worst = point.get("worst") if isinstance(point.get("worst"), dict) else {}
+    for key in ("refusal_rate", "refusal_attack", "perplexity", "perplexity_attack"):
+        cells[f"worst_{key}"] = worst.get(key)
+    return cells
+
+
 def csv_text(state: Dict[str, Any]) -> str:
     addresses = state["sweep"]["addresses"]
     columns = ["index", "status", *addresses, "refusal_rate", "ci95_low", "ci95_high", "asr", "perplexity"]
     columns += ["pareto", "chosen", "seconds", "merge_seconds", "eval_seconds", "attempts", "model", "error"]
+    attacks = [a for a in state["sweep"].get("attacks") or [] if isinstance(a, str)]
+    for name in attacks:
+        columns += [f"{name}.refusal_rate", f"{name}.perplexity", f"{name}.repaired_refusal_rate"]
+        columns += [f"{name}.repaired_perplexity"]
+    if state["sweep"].get("staged"):
+        columns += ["worst_refusal_rate", "worst_refusal_attack", "worst_perplexity", "worst_perplexity_attack"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for point in state["points"]:
+        row = _staged_cells(point, attacks)
         safety = (point.get("eval") or {}).get("safety") or {}
         interval = safety.get("ci95") or [None, None]
-        row = {**point, **{a: point["params"].get(a) for a in addresses}}
-        row.update(refusal_rate=safety.get("refusal_rate"), asr=safety.get("asr"), perplexity=perplexity(point))
+        row.update({**point, **{a: point["params"].get(a) for a in addresses}})
+        before = number(_section(point, "utility").get("perplexity"))  # a staged point's: before the attacks
+        row.update(refusal_rate=safety.get("refusal_rate"), asr=safety.get("asr"), perplexity=before)
         row.update(ci95_low=interval[0], ci95_high=interval[1], chosen=point["index"] == state.get("chosen"))
         writer.writerow([_csv_value(row.get(c)) for c in columns])
     return buffer.getvalue()

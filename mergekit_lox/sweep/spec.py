@@ -31,9 +31,11 @@ import yaml
 
 from mergekit_lox.check.documents import RecipeReadError, load_recipe_documents
 from mergekit_lox.check.report import Document, Problem, Report, suggest
+from mergekit_lox.errors import one_line
 from mergekit_lox.sweep import overrides
 
 KEYS = ("recipe", "grid", "points", "eval", "keep", "tolerance", "reference", "mergekit_options")
+STAGED_KEYS = ("defend", "attack", "repair", "baseline")  # a staged sweep (sweep/stages.py)
 KEEP = ("none", "best", "all")
 # mergekit options that run code from a model's folder: only the command line may give them
 # (mergekit-lox sweep --trust-remote-code), so that no YAML file alone runs code.
@@ -64,6 +66,15 @@ class Sweep:
     mergekit_options: List[str] = field(default_factory=list)
     # Options from the command line, never from the file (--trust-remote-code): outside the fingerprint.
     command_line_options: List[str] = field(default_factory=list)
+    # A staged sweep (stages.py): documents are defend's; attack name -> AttackSettings fields.
+    attacks: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    repair_documents: Optional[List[Any]] = None
+    repair_label: Optional[str] = None
+    baseline: Optional[str] = None  # the undefended model attacked as the baseline; None: no baseline
+
+    @property
+    def staged(self) -> bool:
+        return bool(self.attacks)
 
     @property
     def addresses(self) -> List[str]:
@@ -75,6 +86,8 @@ class Sweep:
     def fingerprint(self) -> str:
         """What the points' results depend on (not keep/tolerance/reference: they only choose)."""
         what = {"recipe": self.documents, "points": self.points, "eval": self.eval, "merge": self.mergekit_options}
+        if self.staged:
+            what.update(attacks=self.attacks, repair=self.repair_documents, baseline=self.baseline)
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -174,8 +187,12 @@ class _Reader:
     def problem(self, where: str, field_: str, message: str) -> None:
         self.report.problems.append(Problem(where, field_, message))
 
-    def recipe(self, raw: Any) -> Tuple[Optional[str], Optional[str], Optional[List[Any]]]:
-        """(label, text, documents) of the recipe, its own problems copied in."""
+    def recipe(
+        self, raw: Any, key: str = "recipe", stand_in=None
+    ) -> Tuple[Optional[str], Optional[str], Optional[List[Any]]]:
+        """(label, text, documents) of the recipe under ``key``, its own problems copied in;
+        ``stand_in(documents)`` is what `check` validates in place of the documents (a
+        repair recipe's placeholders replaced by real models)."""
         from mergekit_lox.check import check_text
 
         if isinstance(raw, str):
@@ -184,24 +201,30 @@ class _Reader:
                 text = _read_text(path)
                 bound(load_recipe_documents(text), f"recipe {path}")
             except (RecipeReadError, SweepTooLarge) as error:
-                self.problem("recipe", "", f"cannot read {path}: {str(error).removeprefix('cannot read: ')}")
+                self.problem(key, "", f"cannot read {path}: {str(error).removeprefix('cannot read: ')}")
                 return None, None, None
             except yaml.YAMLError:
                 pass  # check_text names the YAML problem
             except RecursionError:
-                self.problem("recipe", "", f"cannot read {path}: nested too deeply")
+                self.problem(key, "", f"cannot read {path}: nested too deeply")
                 return None, None, None
             label = path
         elif isinstance(raw, dict) or (isinstance(raw, list) and raw and all(isinstance(d, dict) for d in raw)):
             label = INLINE
             text = overrides.recipe_yaml(raw if isinstance(raw, list) else [raw])
         else:
-            self.problem("recipe", "", "a recipe file path, a recipe mapping, or a list of chain documents")
+            self.problem(key, "", "a recipe file path, a recipe mapping, or a list of chain documents")
             return None, None, None
-        checked = check_text(text, label)
+        checked_text = text
+        if stand_in is not None:
+            try:
+                checked_text = overrides.recipe_yaml(stand_in(load_recipe_documents(text)))
+            except yaml.YAMLError:
+                pass  # check_text names it
+        checked = check_text(checked_text, label)
         for kind, items in (("problems", checked.problems), ("notes", checked.notes)):
             for p in items:
-                where = f"recipe: {p.document}" if label == INLINE else f"recipe {label}: {p.document}"
+                where = f"{key}: {p.document}" if label == INLINE else f"{key} {label}: {p.document}"
                 getattr(self.report, kind).append(Problem(where, p.field, p.message))
         if checked.problems:
             return label, text, None
@@ -240,8 +263,9 @@ class _Reader:
             self.problem(f"points[{i}]", "", "a point is a mapping from parameter address to value")
         return [] if bad else [(f"points[{i}]", p) for i, p in enumerate(listed)]
 
-    def overrides(self, documents: List[Any], points: List[Tuple[str, Dict[str, Any]]]) -> None:
-        """Every address against the recipe, every value with the method's ParameterSpec."""
+    def overrides(self, documents: List[Any], points: List[Tuple[str, Dict[str, Any]]], prefix: str = "") -> None:
+        """Every address against the recipe, every value with the method's ParameterSpec
+        (``prefix``: the stage the addresses were given under, ``defend.``)."""
         from mergekit_lox.check.parameters import check_parameters, method_registry
 
         methods = method_registry()
@@ -256,7 +280,7 @@ class _Reader:
                     index, parts = overrides.resolve(documents, address)
                 except overrides.AddressError as error:
                     bad_addresses.add(address)
-                    self.problem(section, str(address), str(error))
+                    self.problem(section, prefix + str(address), str(error))
                     continue
                 key = (address, json.dumps(value, sort_keys=True, default=str))
                 if key in checked:
@@ -271,12 +295,98 @@ class _Reader:
                 target = overrides.field_path(parts)
                 for p in scratch.problems:
                     if p.field == target or p.field.startswith((target + "[", target + ".")):
-                        problem = Problem(section, str(address), p.message)
+                        problem = Problem(section, prefix + str(address), p.message)
                         if str(problem) not in seen:
                             seen.add(str(problem))
                             self.report.problems.append(problem)
                         if "has no parameter" in p.message:
                             bad_addresses.add(address)
+
+    def stages(self, raw: dict, documents: Optional[List[Any]], points) -> Dict[str, Any]:
+        """attack:, repair:, baseline: of a staged sweep, and the stage-prefixed addresses."""
+        from mergekit_lox.sweep import stages
+
+        attacks = self.attacks(raw.get("attack"))
+        aligned = overrides.aligned_model(documents) if documents else None
+        baseline = raw.get("baseline", aligned)
+        if "baseline" in raw and not (baseline is False or (isinstance(baseline, str) and baseline)):
+            self.problem("baseline", "", f"{baseline!r}: a model (path or hub id) to attack undefended, or false")
+        elif baseline is None and documents is not None:
+            self.problem(
+                "baseline",
+                "",
+                "the defend recipe has no plain aligned model: name the undefended model "
+                "(baseline: MODEL), or baseline: false",
+            )
+        repair_label, repair_documents = None, None
+        if "repair" in raw:
+            stand_in = aligned if aligned is not None else (baseline if isinstance(baseline, str) else None)
+            models = stages.stand_ins(stand_in)
+
+            def check_with_models(loaded: List[Any]) -> List[Any]:
+                return stages.substitute(loaded, models) if stand_in is not None else loaded
+
+            repair_label, _, repair_documents = self.recipe(raw["repair"], "repair", check_with_models)
+            if repair_documents is not None:
+                for message in stages.placeholder_problems(repair_documents, attacks):
+                    self.problem("repair", "", message)
+        by_stage: Dict[str, List[Tuple[str, Dict[str, Any]]]] = {stage: [] for stage in stages.STAGES}
+        for where, point in points:
+            split: Dict[str, Dict[str, Any]] = {stage: {} for stage in stages.STAGES}
+            for address, value in point.items():
+                stage, _, rest = str(address).partition(".")
+                if stage not in stages.STAGES or not rest or (stage == "repair" and "repair" not in raw):
+                    section = "grid" if where == "grid" else where
+                    given = " or repair." if "repair" in raw else ""
+                    self.problem(
+                        section,
+                        str(address),
+                        f"in a staged sweep an address starts with defend.{given} (defend.parameters.alpha)",
+                    )
+                    continue
+                split[stage][rest] = value
+            for stage in stages.STAGES:
+                by_stage[stage].append((where, split[stage]))
+        for stage, stage_documents in (("defend", documents), ("repair", repair_documents)):
+            if stage_documents is not None:
+                self.overrides(stage_documents, by_stage[stage], prefix=stage + ".")
+        return {
+            "attacks": attacks,
+            "repair_documents": repair_documents,
+            "repair_label": repair_label,
+            "baseline": _resolve_path(self.base, baseline) if isinstance(baseline, str) else None,
+        }
+
+    def attacks(self, raw: Any) -> Dict[str, Dict[str, Any]]:
+        """attack: NAME -> the fields of AttackSettings, each checked by constructing it."""
+        from mergekit_lox.sweep import stages
+
+        if not isinstance(raw, dict) or not raw:
+            self.problem("attack", "", "a mapping of attack names to settings: {benign: {data: ft.jsonl, lora: 8}}")
+            return {}
+        result = {}
+        for name, fields in raw.items():
+            if not isinstance(name, str) or not stages.ATTACK_NAME.match(name):
+                self.problem("attack", str(name), "an attack's name is letters, digits, _ . - (it names a folder)")
+                continue
+            if not isinstance(fields, dict):
+                self.problem("attack", name, "the attack's settings: a mapping (data:, lora: or full:, ...)")
+                continue
+            resolved = {k: _resolve_path(self.base, v) if k in stages.ATTACK_PATHS else v for k, v in fields.items()}
+            try:
+                stages.attack_settings(resolved)
+            except ImportError:
+                self.problem("attack", name, "needs `mergekit-lox attack` (mergekit_lox.attack), not installed here")
+                continue
+            except (TypeError, ValueError) as error:
+                self.problem("attack", name, one_line(error))
+                continue
+            data = resolved.get("data")
+            if isinstance(data, str) and data.endswith(FILE_SUFFIXES) and not os.path.exists(data):
+                self.problem("attack", name, f"data: {data}: no such file (relative paths are read from {self.base})")
+                continue
+            result[name] = resolved
+        return result
 
     def eval(self, raw: Any) -> Dict[str, Any]:
         from mergekit_lox.evaluate import run_eval
@@ -374,24 +484,39 @@ def read_sweep(path: str) -> Tuple[Optional[Sweep], Report]:
     if not isinstance(raw, dict):
         reader.problem("sweep", "", "a sweep file is a mapping with recipe:, grid: or points:, eval:")
         return None, reader.report
+    staged = any(key in raw for key in STAGED_KEYS)
+    known = KEYS + STAGED_KEYS
     for key in raw:
-        if key not in KEYS:
-            reader.problem(str(key), "", f"unknown key{suggest(key, KEYS)}; keys: {', '.join(KEYS)}")
-    if "recipe" not in raw:
-        reader.problem("recipe", "", "missing: a recipe path or an inline recipe")
+        if key not in known:
+            reader.problem(str(key), "", f"unknown key{suggest(key, known)}; keys: {', '.join(known)}")
+    recipe_key = "defend" if staged else "recipe"
+    if staged and "recipe" in raw:
+        reader.problem("recipe", "", "a staged sweep (attack:) names its recipe defend:, not recipe:")
+    if recipe_key not in raw:
+        what = (
+            "the defense recipe (LoX, say): a path or an inline recipe"
+            if staged
+            else "a recipe path or an inline recipe"
+        )
+        reader.problem(recipe_key, "", f"missing: {what}")
+    if staged and "attack" not in raw:
+        reader.problem("attack", "", "missing: a staged sweep (defend:, repair:) needs attack: NAME: {data: ..., ...}")
     if "grid" not in raw and "points" not in raw:
         reader.problem("grid", "", "missing: give grid: (all combinations) or points: (a list)")
     if "eval" not in raw:
         reader.problem("eval", "", "missing: the eval options (safety: a prompt source, judge, ...)")
-    label, _, documents = reader.recipe(raw["recipe"]) if "recipe" in raw else (None, None, None)
+    label, _, documents = reader.recipe(raw[recipe_key], recipe_key) if recipe_key in raw else (None, None, None)
     points = reader.points(raw) if ("grid" in raw or "points" in raw) else []
-    if documents is not None and points:
+    stages: Dict[str, Any] = {}
+    if staged:
+        stages = reader.stages(raw, documents, points)
+    elif documents is not None and points:
         reader.overrides(documents, points)
     evaluation = reader.eval(raw["eval"]) if "eval" in raw else {}
     settings = reader.settings(raw, chain=bool(documents) and len(documents) > 1)
     if reader.report.problems:
         return None, reader.report
-    sweep = Sweep(path, label, documents, [p for _, p in points], evaluation, **settings)
+    sweep = Sweep(path, label, documents, [p for _, p in points], evaluation, **settings, **stages)
     return sweep, reader.report
 
 
