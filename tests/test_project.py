@@ -39,11 +39,13 @@ def test_every_direct_import_is_a_declared_requirement():
     import is optional), so `pip install mergekit-lox` alone never leaves an import error."""
     import ast
     import sys
-    import tomllib
     from importlib.metadata import packages_distributions
 
+    import tomllib
+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    extras = project["optional-dependencies"].values()
+    requirements = list(project["dependencies"]) + [r for extra in extras for r in extra]
     declared = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
     imported = set()
     for path in (REPO / "mergekit_lox").rglob("*.py"):
