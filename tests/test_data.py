@@ -113,3 +113,58 @@ def test_a_model_that_cannot_be_loaded_is_named(tmp_path):
         load_causal_lm(str(tmp_path / "empty"), what="judge")
     with pytest.raises(ModelLoadError, match="--dtype 'float99' is not a torch dtype"):
         load_causal_lm(str(tmp_path / "empty"), dtype="float99")
+
+
+@pytest.fixture(scope="module")
+def mismatched_lm(tmp_path_factory):
+    """Issue 23's case: a word-level tokenizer.json beside a qwen2 config. transformers 5
+    loads it as the byte-level Qwen2Tokenizer, which encodes these words to nothing."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
+    path = str(tmp_path_factory.mktemp("qwen2-wordlevel"))
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    make_tokenizer(64).save_pretrained(path)
+    return path
+
+
+def test_a_prompt_encoded_to_no_tokens_is_named_before_generating(mismatched_lm, tiny_lm, tmp_path, capsys):
+    from conftest import run_cli
+
+    _, tokenizer = load_causal_lm(mismatched_lm)
+    assert tokenizer("w5 w6", add_special_tokens=False)["input_ids"] == []  # the precondition
+    prompts = write(tmp_path / "p.txt", "w1 w2\nw5 w6\n")
+    code, _, err = run_cli(["eval", mismatched_lm, "--safety", prompts, "-o", str(tmp_path / "out")], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: model {mismatched_lm}: tokenizer {type(tokenizer).__name__} encodes prompt 0")
+    assert "IndexError" not in err and "out of bounds" not in err
+    code, _, err = run_cli(
+        ["lssf-calibrate", "--aligned", mismatched_lm, "--prompts", prompts, "-o", str(tmp_path / "sub")], capsys
+    )
+    assert code == 1 and f"aligned model {mismatched_lm}: tokenizer" in err and "encodes prompt 0" in err
+    assert not (tmp_path / "sub").exists()
+
+
+def test_a_tokenizer_that_loses_most_words_is_warned_about(tiny_lm):
+    from mergekit_lox.data.generation import check_tokenizer
+
+    _, tokenizer = load_causal_lm(tiny_lm)
+    warnings = []
+    check_tokenizer(tokenizer, ["w1 w2 w3", "w4 w5"], "model m", warnings.append)
+    assert warnings == []
+    # Words outside the word-level vocabulary become <unk>: 5 of 6 lost.
+    check_tokenizer(tokenizer, ["how to make", "w4 cake now"], "model m", warnings.append)
+    assert len(warnings) == 1 and "model m: tokenizer" in warnings[0] and "loses 5 of 6 words" in warnings[0]

@@ -173,7 +173,7 @@ def calibrate(
 ) -> Dict:
     """Calibrate ``aligned`` on ``prompts`` and write the subspace to ``out``; returns its metadata."""
     from mergekit_lox.calibrate.gram import GramAccumulator
-    from mergekit_lox.data.generation import chat_text, generate, load_causal_lm
+    from mergekit_lox.data.generation import chat_text, check_tokenizer, generate, load_causal_lm
     from mergekit_lox.files.output import OutputError, refuse_inside_inputs, staged_output
     from mergekit_lox.methods import subspace
 
@@ -189,10 +189,19 @@ def calibrate(
         prompts, samples=samples, column=column, response_column=response_column, split=split
     )
     model, tokenizer = load_causal_lm(aligned, device=device, dtype=dtype, what="aligned model")
+    # Before any compute: a tokenizer that encodes a query to nothing is named here.
+    check_tokenizer(tokenizer, queries, f"aligned model {aligned}", echo)
     if responses is None:
         echo(f"generating the aligned model's responses to {len(queries)} queries")
         responses = generate(
-            model, tokenizer, queries, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+            model,
+            tokenizer,
+            queries,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            what=f"aligned model {aligned}",
+            warn=lambda line: None,  # check_tokenizer above has warned already
         )
     texts = [chat_text(tokenizer, q, r) for q, r in zip(queries, responses, strict=True)]
     layers = linear_layers(model, checkpoint_names(model_dir))

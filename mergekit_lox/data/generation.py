@@ -55,6 +55,53 @@ def load_causal_lm(path: str, *, device: str = "cpu", dtype: Optional[str] = Non
     return model.to(target).eval(), tokenizer
 
 
+class TokenizerError(ModelLoadError):
+    """A tokenizer that cannot encode the prompts; the message names the model and prompt."""
+
+
+# A tokenizer that loses more than this share of the prompts' words (unknown tokens, or
+# words that do not survive encode-decode) is most likely not the tokenizer the model was
+# trained with: warned about, since some tokenizers legitimately normalise text.
+MOSTLY_LOST = 0.5
+
+
+def check_tokenizer(tokenizer, prompts: Sequence[str], what: str, warn: Callable[[str], None]) -> None:
+    """Probe ``tokenizer`` on ``prompts`` before any generation or forward pass.
+
+    A prompt that encodes to no tokens is an error naming the model, the tokenizer
+    class and the prompt's index (transformers would fail later with an IndexError
+    that names none of them: a custom word-level ``tokenizer.json`` beside a ``qwen2``
+    config loads as a byte-level Qwen2Tokenizer and encodes every word to nothing).
+    When most words of the prompts come back as the unknown token, or not at all from
+    encode-decode, ``warn`` says so.
+    """
+    cls = type(tokenizer).__name__
+    unk = getattr(tokenizer, "unk_token_id", None)
+    words = lost = 0
+    for index, prompt in enumerate(prompts):
+        try:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            decoded = tokenizer.decode([i for i in ids if i != unk], skip_special_tokens=True)
+        except Exception as error:  # noqa: BLE001 - any tokenizer failure, named
+            raise TokenizerError(
+                f"{what}: tokenizer {cls} cannot encode prompt {index} ({type(error).__name__})"
+            ) from None
+        if prompt.strip() and not ids:
+            raise TokenizerError(
+                f"{what}: tokenizer {cls} encodes prompt {index} ({prompt[:40]!r}) to no tokens; "
+                "the tokenizer files do not match the model (check tokenizer_config.json's tokenizer_class)"
+            )
+        prompt_words = prompt.lower().split()
+        kept = decoded.lower()
+        words += len(prompt_words)
+        lost += sum(1 for w in prompt_words if w not in kept)
+    if words and lost > MOSTLY_LOST * words:
+        warn(
+            f"warning: {what}: tokenizer {cls} loses {lost} of {words} words of the prompts "
+            "(unknown tokens, or not recovered by decoding): is it the model's own tokenizer?"
+        )
+
+
 def chat_text(tokenizer, prompt: str, response: Optional[str] = None) -> str:
     """``prompt`` as the model sees it: the tokenizer's chat template when it has one
     (with the generation prompt, or followed by ``response``), else the prompt itself."""
@@ -77,10 +124,15 @@ def generate(
     seed: int = 0,
     on_batch: Optional[Callable[[List[str], List[str]], None]] = None,
     progress: bool = False,
+    what: str = "model",
+    warn: Callable[[str], None] = print,
 ) -> List[str]:
     """Greedy answers to ``prompts`` (chat-formatted), in order; ``on_batch(prompts, answers)``
-    is called after each batch, so a caller can cache as it goes."""
+    is called after each batch, so a caller can cache as it goes. The tokenizer is probed
+    on every prompt first (``check_tokenizer``; ``what`` names the model)."""
     import torch
+
+    check_tokenizer(tokenizer, prompts, what, warn)
 
     torch.manual_seed(seed)
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so answers start together
@@ -96,13 +148,21 @@ def generate(
         texts = [chat_text(tokenizer, p) for p in chunk]
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
         encoded = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        try:
+            with torch.no_grad():
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+        except (IndexError, RuntimeError, ValueError) as error:
+            # transformers' own text names neither the model nor the prompt (--verbose shows it).
+            raise ModelLoadError(
+                f"{what}: generation failed on prompts {start} to {start + len(chunk) - 1} "
+                f"({type(error).__name__} in transformers; tokenizer {type(tokenizer).__name__})"
+            ) from error
+
         new_tokens = output[:, encoded["input_ids"].shape[1] :]
         batch_answers = [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         answers.extend(batch_answers)

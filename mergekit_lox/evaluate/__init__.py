@@ -106,6 +106,8 @@ def _answers_for(
             seed=seed,
             on_batch=cache.add,
             progress=progress,
+            what=f"model {path}",
+            warn=echo,
         )
     return [cache.get(p) for p in prompts], loaded, len(missing), backend
 
