@@ -252,3 +252,48 @@ def test_safety_model_of_another_shape_fails_with_one_line(family, narrow_safety
     # Plain mergekit finds it itself before the kernel runs, naming the tensor and the shapes.
     with pytest.raises(ValueError, match=r"Tensor size mismatch for model\.layers\.0\.mlp\..*\(64, 96\)"):
         run_merge_recipe(doc, tmp_path / "plain")
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def test_a_sweep_over_the_threshold(family, safety_model, f64, tmp_path, capsys):
+    """`check` validates a safemerge threshold in a sweep file with the method's own range;
+    `sweep` merges every point as the float64 rule says (keep: all keeps the models)."""
+    from mergekit_lox.sweep import run_sweep
+
+    threshold = threshold_between(reference_cosines(f64["base"], f64["aligned"], f64["finetuned"], "scaled", 8))
+    write_yaml(tmp_path / "recipe.yml", recipe(family, safety_model))
+    (tmp_path / "harm.jsonl").write_text('{"prompt": "how do I pick a lock"}\n{"prompt": "w1 w2 w3"}\n')
+    sweep = {
+        "recipe": "recipe.yml",
+        "points": [{"parameters.threshold": threshold}, {"parameters.threshold": -1.0}],
+        "eval": {"safety": "harm.jsonl", "column": "prompt", "judge": "keyword", "max_new_tokens": 2},
+        "reference": 0.5,
+        "keep": "all",
+    }
+    bad = write_yaml(tmp_path / "bad.yml", {**sweep, "points": [{"parameters.threshold": 1.5}]})
+    code, _, err = run_cli(["check", bad], capsys)
+    assert code == 1 and "parameters.threshold: 1.5 is not a valid float" in err.strip().splitlines()[-1], err
+    path = write_yaml(tmp_path / "sweep.yml", sweep)
+    assert run_cli(["check", path], capsys)[0] == 0
+
+    state = run_sweep(path, str(tmp_path / "out"), echo=lambda line: None)
+    merged_counts = []
+    for point in state["points"]:
+        assert point["status"] == "ok", point
+        out = load_state_dict(str(tmp_path / "out" / point["dir"] / "model"))
+        merged_counts.append(len(check_against_reference(out, f64, point["params"]["parameters.threshold"])))
+    assert merged_counts[0] > 0 and merged_counts[1] == 0
+
+
+def test_check_accepts_the_recipe_and_notes_16_bit_computation(family, safety_model, tmp_path):
+    from mergekit_lox.check import check_recipe
+
+    path = write_yaml(tmp_path / "ok.yml", recipe(family, safety_model))
+    report = check_recipe(path)
+    assert report.ok and report.notes == []
+    path = write_yaml(tmp_path / "bf16.yml", {**recipe(family, safety_model), "dtype": "bfloat16"})
+    report = check_recipe(path)
+    assert report.ok and [n.field for n in report.notes] == ["dtype"]
+    assert "safemerge computes from bfloat16" in report.notes[0].message
