@@ -94,17 +94,23 @@ def run(
         "-I",
         help="Chains only: where named documents are written (default: OUT.intermediate beside OUT).",
     ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Refuse a merge that changes nothing (every weight matrix equal to its input)."
+    ),
 ):
     """Run a recipe like `mergekit-yaml`, or a multi-document recipe (a chain) like
     `mergekit-multi`; any other option goes to mergekit (--cuda, --device,
     --lazy-unpickle, --out-shard-size, --no-copy-tokenizer, --no-lazy for chains, ...;
     see `mergekit-yaml --help`)."""
-    run_recipe(recipe, out, [*ctx.args, *default_mergekit_args(out, list(ctx.args))], intermediate_dir)
+    run_recipe(recipe, out, [*ctx.args, *default_mergekit_args(out, list(ctx.args))], intermediate_dir, strict=strict)
 
 
 @app.command()
 def check(
     recipe: str = typer.Argument(..., help="YAML recipe (one document, or a multi-document chain), or a sweep file."),
+    strict: bool = typer.Option(
+        False, "--strict", help="A document that would change nothing (aligned = base, alpha 0, ...) is an error."
+    ),
 ):
     """Validate a recipe without computing anything: YAML, mergekit's schema, methods,
     parameter names and types, roles, base model, local paths, chain references and cycles.
@@ -114,6 +120,8 @@ def check(
     from mergekit_lox.sweep import check_file
 
     report, ok_line = check_file(recipe)
+    if strict:
+        report.strict()
     errors, notes = report.lines()
     for line in notes:
         typer.echo(line)

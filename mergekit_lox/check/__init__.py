@@ -30,6 +30,7 @@ from mergekit_lox.check.files import (
 from mergekit_lox.check.parameters import (
     check_dtypes,
     check_inputs,
+    check_no_op,
     check_parameters,
     check_precision,
     method_registry,
@@ -96,6 +97,7 @@ def check_text(text: str, recipe: str = "recipe") -> Report:
             continue
         check_parameters(report, doc, method)
         check_inputs(report, doc, method)
+        check_no_op(report, doc)
     if chain:
         check_cycles(report, report.documents)
     return report

@@ -349,6 +349,30 @@ def check_precision(report: Report, doc: Document) -> None:
         )
 
 
+# Parameter values with which a method returns its pass-through input for every tensor.
+_NO_OP_VALUES = {
+    "lox_extrapolate": ("alpha", lambda v: v == 0, "alpha 0 extrapolates nothing: the output is the aligned model"),
+    "lssf_fusion": ("scale", lambda v: v == 0, "scale 0 fuses nothing: the output is the fine-tuned model"),
+    "safelora_project": ("threshold", lambda v: v < -1, "threshold below -1, the lowest cosine: nothing is projected"),
+    "safemerge": ("threshold", lambda v: v < -1, "threshold below -1, the lowest cosine: nothing is merged"),
+}
+
+
+def check_no_op(report: Report, doc: Document) -> None:
+    """A warning (an error with ``check --strict``) for a document that would change
+    nothing, as far as can be seen without reading a tensor: a parameter value that
+    disables the method."""
+    config = doc.config
+    if config.merge_method not in _NO_OP_VALUES:
+        return
+    # (An aligned model that is the base model itself is refused by mergekit already: it
+    # drops the base from the inputs. A copy of it under another path shows only in the run.)
+    name, disables, why = _NO_OP_VALUES[config.merge_method]
+    value = (config.parameters or {}).get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and disables(value):
+        report.no_ops.append(Problem(doc.label, f"parameters.{name}", why))
+
+
 def check_dtypes(report: Report, doc: Document) -> None:
     from mergekit.common import dtype_from_name
 

@@ -42,16 +42,23 @@ class Report:
     documents: List[Document] = field(default_factory=list)
     problems: List[Problem] = field(default_factory=list)
     notes: List[Problem] = field(default_factory=list)
+    no_ops: List[Problem] = field(default_factory=list)  # documents that would change nothing
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    def strict(self) -> "Report":
+        """`check --strict`: a document that would change nothing is an error."""
+        self.problems.extend(self.no_ops)
+        self.no_ops = []
+        return self
+
     def lines(self) -> Tuple[List[str], List[str]]:
-        """(`error: ...` lines, `note: ...` lines), each naming the recipe."""
+        """(`error: ...` lines, `note: ...` and `warning: ...` lines), each naming the recipe."""
         return (
             [f"error: {self.recipe}: {p}" for p in self.problems],
-            [f"note: {self.recipe}: {n}" for n in self.notes],
+            [f"note: {self.recipe}: {n}" for n in self.notes] + [f"warning: {self.recipe}: {n}" for n in self.no_ops],
         )
 
 

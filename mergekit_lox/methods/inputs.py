@@ -10,6 +10,7 @@ callers of ``merge_tensors`` / ``merge_state_dicts``, which skip the planner).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Dict, Hashable, Mapping, Optional, Tuple
 
@@ -88,8 +89,52 @@ def role_tensors(requirement: RoleRequirement, group, role) -> dict:
     return {"base": group.base.tensor, **{name: by_id[model] for name, model in roles.items()}}
 
 
-def owned_result(result: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """``result``, or a copy of it where it is one of the kernel's ``inputs`` (or a view of one).
+# --------------------------------------------------------------------------- no-op merges
+# A merge that changes nothing (Safe LoRA with every cosine above the threshold, an aligned
+# model identical to its base) runs to the end and looks like a result. Each kernel tallies,
+# per method, its weight matrices, those it returned unchanged and those whose safety
+# vector W_a - W_b is zero; `mergekit-lox run` reads the tally before it replaces OUT
+# (run/safety.py) and warns, or refuses with --strict.
+
+
+@dataclass
+class ChangeTally:
+    matrices: int = 0
+    unchanged: int = 0
+    zero_safety: int = 0
+
+
+_CHANGES: Dict[str, ChangeTally] = {}
+_CHANGES_LOCK = threading.Lock()
+
+
+def record_change(method: str, result: torch.Tensor, inputs: dict, passed: Hashable) -> None:
+    """Tally one tensor of ``method``: changed or equal to its pass-through input ``passed``."""
+    if result.ndim < 2:
+        return  # 1-D weights pass through by design
+    source = inputs[passed]
+    unchanged = torch.equal(result, source.to(result.dtype))
+    zero = torch.equal(inputs[ALIGNED], inputs["base"])
+    with _CHANGES_LOCK:
+        tally = _CHANGES.setdefault(method, ChangeTally())
+        tally.matrices += 1
+        tally.unchanged += int(unchanged)
+        tally.zero_safety += int(zero)
+
+
+def take_changes() -> Dict[str, ChangeTally]:
+    """The tally since the last call, per method (and a fresh one started)."""
+    with _CHANGES_LOCK:
+        taken = dict(_CHANGES)
+        _CHANGES.clear()
+    return taken
+
+
+def owned_result(
+    result: torch.Tensor, inputs: dict, method: Optional[str] = None, passed: Hashable = None
+) -> torch.Tensor:
+    """``result``, or a copy of it where it is one of the kernel's ``inputs`` (or a view of one);
+    with ``method``, tallied as changed or equal to its pass-through input ``passed``.
 
     Kernels pass inputs through (1-D weights; Safe LoRA's unprojected W_f), and
     mergekit's writer keeps every result until its output shard is written: a
@@ -98,6 +143,8 @@ def owned_result(result: torch.Tensor, inputs: dict) -> torch.Tensor:
     the aligned model where `linear` held one 0.8 GB shard per model; this copy
     brings it back, as mergekit's own ``--clone-tensors`` would for every tensor).
     """
+    if method is not None:
+        record_change(method, result, inputs, passed)
     pointer = result.untyped_storage().data_ptr()
     if any(t.untyped_storage().data_ptr() == pointer for t in inputs.values()):
         return result.clone()

@@ -95,7 +95,7 @@ def lox_extrapolate(
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
-    return owned_result(extrapolate(inputs[ALIGNED], inputs["base"], alpha, rank, svd), inputs)
+    return owned_result(extrapolate(inputs[ALIGNED], inputs["base"], alpha, rank, svd), inputs, NAME, ALIGNED)
 
 
 METHOD = lox_extrapolate

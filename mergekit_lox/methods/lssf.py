@@ -362,7 +362,7 @@ def lssf_fusion(
         basis=basis,
         svd=svd,
     )
-    return owned_result(merged, inputs)
+    return owned_result(merged, inputs, NAME, FINETUNED)
 
 
 METHOD = lssf_fusion

@@ -177,7 +177,7 @@ def safelora_project(
     inputs = role_tensors(ROLES, group, role)
     warn_low_precision(NAME, inputs[FINETUNED])
     merged = project(inputs[FINETUNED], inputs[ALIGNED], inputs["base"], threshold, projection, rank, svd)
-    return owned_result(merged, inputs)
+    return owned_result(merged, inputs, NAME, FINETUNED)
 
 
 METHOD = safelora_project

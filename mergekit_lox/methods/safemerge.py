@@ -111,7 +111,7 @@ def safemerge(
         rank,
         svd,
     )
-    return owned_result(merged, inputs)
+    return owned_result(merged, inputs, NAME, FINETUNED)
 
 
 METHOD = safemerge

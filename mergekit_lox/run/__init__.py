@@ -17,17 +17,19 @@ def run_recipe(
     out: str,
     mergekit_args: Optional[List[str]] = None,
     intermediate_dir: Optional[str] = None,
+    strict: bool = False,
 ) -> None:
     """Run a one-document recipe as `mergekit-yaml RECIPE OUT ARGS...` does;
     a multi-document recipe is a chain, run as `mergekit-multi` runs it (chain.py).
-    Both are checked first and write OUT only once complete (safe_run.py)."""
+    Both are checked first and write OUT only once complete (safe_run.py). A merge
+    that changes nothing is warned about, or refused with ``strict`` (run/safety.py)."""
     from mergekit_lox.run.chain import is_chain, run_chain
     from mergekit_lox.run.document import run_document
 
     if is_chain(recipe):
-        run_chain(recipe, out, intermediate_dir, mergekit_args or [])
+        run_chain(recipe, out, intermediate_dir, mergekit_args or [], strict=strict)
         return
-    run_document(recipe, out, mergekit_args or [])
+    run_document(recipe, out, mergekit_args or [], strict=strict)
 
 
 def default_mergekit_args(out: str, mergekit_args: List[str]) -> List[str]:

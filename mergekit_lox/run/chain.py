@@ -117,7 +117,7 @@ def _stages_to_compute(
     return to_compute
 
 
-def _staged_stages(records: Dict[str, str], logged: List[BaseException]):
+def _staged_stages(records: Dict[str, str], logged: List[BaseException], strict: bool = False):
     """Build every stage mergekit-multi computes in a staging directory (files/output.py).
 
     For the duration of the chain, each stage mergekit-multi runs is written
@@ -147,6 +147,7 @@ def _staged_stages(records: Dict[str, str], logged: List[BaseException]):
             copy_tokenizer=options.copy_tokenizer,
             write_model_card=options.write_model_card,
             logged=logged,
+            strict=strict,
         )
         with staged_output(out_path, verify=verify) as staging:
             run_merge(config, staging, options=options, **kwargs)
@@ -163,6 +164,7 @@ def run_chain(
     out: str,
     intermediate_dir: Optional[str] = None,
     mergekit_args: Sequence[str] = (),
+    strict: bool = False,
 ) -> Dict[Optional[str], str]:
     """Check, then run a multi-document recipe exactly as
     ``mergekit-multi RECIPE -I INTERMEDIATE_DIR --out-path OUT ARGS...`` does,
@@ -190,6 +192,6 @@ def run_chain(
     documents = load_recipe_documents(source)
     to_compute = _stages_to_compute(recipe, stage_records(documents, dependencies), outputs, lazy)
     with prepared_run(recipe, documents, options, out, outputs.values(), to_compute):
-        with mergekit_logged_errors() as logged, _staged_stages(to_compute, logged):
+        with mergekit_logged_errors() as logged, _staged_stages(to_compute, logged, strict):
             mergekit_multi.main(args=multi_args, prog_name="mergekit-multi", standalone_mode=False)
     return outputs

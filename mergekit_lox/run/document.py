@@ -158,7 +158,7 @@ def hub_references(documents: List[dict]):
                 yield f"document {index}: {where}", path
 
 
-def run_document(recipe: str, out: str, mergekit_args: Sequence[str] = ()) -> None:
+def run_document(recipe: str, out: str, mergekit_args: Sequence[str] = (), strict: bool = False) -> None:
     """Run a one-document recipe as ``mergekit-yaml RECIPE OUT ARGS...`` does,
     checked first and written through a staging directory."""
     from mergekit.config import MergeConfiguration
@@ -180,6 +180,7 @@ def run_document(recipe: str, out: str, mergekit_args: Sequence[str] = ()) -> No
             copy_tokenizer=bool(options.get("copy_tokenizer", True)),
             write_model_card=bool(options.get("write_model_card", True)),
             logged=logged,
+            strict=strict,
         )
         with staged_output(out, verify=verify) as staging:
             mergekit_yaml.main(args=[recipe, staging, *args], prog_name="mergekit-yaml", standalone_mode=False)

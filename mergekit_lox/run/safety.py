@@ -68,6 +68,7 @@ def output_verifier(
     copy_tokenizer: bool,
     write_model_card: bool,
     logged: List[BaseException],
+    strict: bool = False,
 ) -> Callable[[str], None]:
     """``staged_output``'s ``verify`` for a merge of ``config`` (a MergeConfiguration)
     into ``out``: config, model card, the tokenizer files mergekit copies and every
@@ -80,8 +81,12 @@ def output_verifier(
     required = ["config.json"] + (["README.md", "mergekit_config.yml"] if write_model_card else [])
     copied = tokenizer_files_copied(config) if copy_tokenizer else {}
     existed = os.path.lexists(out)
+    from mergekit_lox.methods.inputs import take_changes
+
+    take_changes()  # the tally starts with this merge
 
     def verify(staging: str) -> None:
+        require_a_change(out, take_changes(), strict, existed)
         try:
             verify_model_output(staging, required, copied)
         except IncompleteOutputError as error:
@@ -96,6 +101,42 @@ def output_verifier(
             ) from error
 
     return verify
+
+
+# Why a method's merge can change nothing, beyond a zero safety vector.
+_UNCHANGED_BECAUSE = {
+    "safelora_project": "no matrix's cosine is at or below `threshold` (`mergekit-lox analyze --finetuned` shows "
+    "the cosines; `safelora-select` picks a threshold that projects N)",
+    "safemerge": "no matrix's cosine is at or below `threshold` (`mergekit-lox analyze --finetuned` shows the cosines)",
+    "lox_extrapolate": "`alpha` is 0",
+    "lssf_fusion": "`scale` is 0",
+}
+
+
+def no_change_reasons(changes) -> List[str]:
+    """One line per method of the merge whose every weight matrix came out unchanged."""
+    lines = []
+    for method, tally in sorted(changes.items()):
+        if tally.matrices == 0 or tally.unchanged < tally.matrices:
+            continue
+        if tally.zero_safety == tally.matrices:
+            why = "the aligned model is identical to the base in every one (a zero safety vector)"
+        else:
+            why = _UNCHANGED_BECAUSE.get(method, "every result equals its input")
+        lines.append(f"{method} changed none of its {tally.matrices} weight matrices: {why}")
+    return lines
+
+
+def require_a_change(out: str, changes, strict: bool, existed: bool) -> None:
+    """Warn (stderr) about a merge that changed nothing; with ``strict``, refuse it
+    before it replaces OUT."""
+    import sys
+
+    for line in no_change_reasons(changes):
+        if strict:
+            state = "is unchanged" if existed else "was not created"
+            raise RunError(f"{out}: {line}; --strict refuses a merge that changes nothing ({out} {state})")
+        print(f"warning: {out}: {line}", file=sys.stderr)
 
 
 def require_hub_models(recipe: str, references, cache_dir: Optional[str] = None) -> None:
