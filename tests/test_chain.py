@@ -206,3 +206,21 @@ def test_output_inside_an_input_model_is_refused(family, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is inside input model directory" in err and family.aligned in err
     assert not os.path.exists(out) and not os.path.exists(out + ".intermediate")
+
+
+def test_a_stage_name_that_leaves_the_intermediate_folder_is_refused_before_writing(family, tmp_path, capsys):
+    """Issue 23: `name: ../../x` (or an absolute path) was joined onto the intermediate
+    folder, so a chain could write, and replace, a folder anywhere."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "mine.txt").write_text("the user's")
+    for name in ("../victim", str(victim)):
+        documents = chain_documents(family)
+        documents[0]["name"] = name
+        documents[1]["models"][0]["model"] = name
+        recipe = write_recipe(tmp_path / "bad.yml", documents)
+        out = tmp_path / "work" / "final"
+        assert run_cli("run", recipe, str(out), "--quiet") == 1
+        err = capsys.readouterr().err
+        assert f"document 1 ({name!r}): name: {name!r} holds a path separator" in err
+        assert sorted(os.listdir(victim)) == ["mine.txt"] and not (tmp_path / "work").exists()

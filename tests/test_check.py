@@ -269,6 +269,18 @@ CHAIN_CASES = {
         lambda d: d[2].update(name="final"),
         ("recipe", "name", "every document has a `name:`"),
     ),
+    "name-climbs-out": (
+        lambda d: d[0].update(name="../../victim"),
+        ("document 1 ('../../victim')", "name", "'../../victim' holds a path separator"),
+    ),
+    "name-absolute": (
+        lambda d: d[0].update(name="/tmp/victim"),
+        ("document 1 ('/tmp/victim')", "name", "holds a path separator"),
+    ),
+    "name-dot-dot": (
+        lambda d: d[0].update(name=".."),
+        ("document 1 ('..')", "name", "is '..', not a folder name"),
+    ),
     "name-not-a-string": (
         lambda d: d[0].update(name=["x"]),
         ("document 1", "name", "must be a string"),

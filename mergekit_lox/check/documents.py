@@ -11,6 +11,7 @@ from mergekit_lox.check.report import (
     Problem,
     Report,
 )
+from mergekit_lox.files.output import name_problem
 
 
 def without_name(document: dict) -> dict:
@@ -129,6 +130,9 @@ def split_documents(report: Report, loaded: List[Any]) -> None:
         if "name" in raw and not isinstance(name, str):
             report.problems.append(Problem(doc.label, "name", f"must be a string, got {name!r}"))
             continue
+        unsafe = name_problem(doc.name) if doc.name is not None else None
+        if unsafe:
+            report.problems.append(Problem(doc.label, "name", f"{doc.name!r} {unsafe}"))
         if doc.name is None:
             unnamed.append(index)
         elif doc.name in names:

@@ -39,6 +39,21 @@ def is_within(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
+def name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be one folder's name inside a folder the tool writes (a chain
+    stage's ``name:``, a sweep point): None when it can. An absolute path, ``..``, a
+    separator or a control character would put the folder elsewhere, or replace one."""
+    if not name or not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return f"is {name!r}, not a folder name"
+    if os.path.isabs(name) or "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        return "holds a path separator: it must be one folder name (it is joined onto the intermediate folder)"
+    if not name.isprintable():
+        return "holds a control character"
+    return None
+
+
 def input_holding(out: str, inputs: Iterable[Tuple[str, Optional[str]]]) -> Optional[Tuple[str, str]]:
     """The first ``(label, directory)`` of ``inputs`` that is ``out`` or contains it
     (writing there would write into an input); None when none does. Entries
