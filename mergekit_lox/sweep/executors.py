@@ -97,6 +97,7 @@ def gpus_for(sweep, gpus_per_point: Optional[float]) -> float:
     device = str(sweep.eval.get("device", "cpu"))
     merge = sweep.mergekit_options
     wants_cuda = device.startswith("cuda") or "--cuda" in merge or any(o.startswith("--device=cuda") for o in merge)
+    wants_cuda = wants_cuda or any(str(a.get("device", "cpu")).startswith("cuda") for a in sweep.attacks.values())
     wants_cuda = wants_cuda or any(
         a == "--device" and b.startswith("cuda") for a, b in zip(merge, merge[1:], strict=False)
     )

@@ -354,7 +354,10 @@ class _Reader:
             "attacks": attacks,
             "repair_documents": repair_documents,
             "repair_label": repair_label,
-            "baseline": _resolve_path(self.base, baseline) if isinstance(baseline, str) else None,
+            # given in the sweep file: read from its folder; the recipe's aligned model: as `run` reads it
+            "baseline": (_resolve_path(self.base, baseline) if "baseline" in raw else baseline)
+            if isinstance(baseline, str)
+            else None,
         }
 
     def attacks(self, raw: Any) -> Dict[str, Dict[str, Any]]:
