@@ -297,3 +297,17 @@ def test_check_accepts_the_recipe_and_notes_16_bit_computation(family, safety_mo
     report = check_recipe(path)
     assert report.ok and [n.field for n in report.notes] == ["dtype"]
     assert "safemerge computes from bfloat16" in report.notes[0].message
+
+
+def test_a_nan_in_the_safety_model_names_the_tensor_and_the_model(family, states, tmp_path, capsys):
+    spec = FamilySpec()
+    poisoned = {name: tensor.clone() for name, tensor in states["aligned"].items()}
+    name = "model.layers.1.mlp.up_proj.weight"
+    poisoned[name][3, 5] = float("nan")
+    safety = save_model(poisoned, llama_config(spec), make_tokenizer(spec.vocab_size), str(tmp_path / "safety"))
+    path = write_yaml(tmp_path / "recipe.yml", recipe(family, safety))
+    code, _, err = run_cli(["run", path, str(tmp_path / "out"), "--quiet"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err, err
+    assert f"input tensor {name} of model {safety} holds 1 NaN value(s)" in lines[-1], lines[-1]
+    assert not (tmp_path / "out").exists()
