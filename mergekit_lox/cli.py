@@ -16,7 +16,7 @@ from mergekit_lox.run import default_mergekit_args, run_recipe
 
 app = typer.Typer(
     name="mergekit-lox",
-    help="Safety-subspace weight surgery (LoX, LSSF, Safe LoRA) as mergekit merge methods.",
+    help="Safety-subspace weight surgery (LoX, LSSF, Safe LoRA, SafeMERGE) as mergekit merge methods.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -154,7 +154,7 @@ def analyze(
     base: str = typer.Option(..., "--base", help="Pre-alignment model (W_b): directory or Hugging Face id."),
     aligned: str = typer.Option(..., "--aligned", help="Safety-aligned model (W_a): directory or id."),
     finetuned: Optional[str] = typer.Option(
-        None, "--finetuned", help="Fine-tuned model (W_f): adds r_ft and the Safe LoRA cosine."
+        None, "--finetuned", help="Fine-tuned model (W_f): adds r_ft and the Safe LoRA / SafeMERGE cosine."
     ),
     out: str = typer.Option(..., "-o", "--out", help="Where to write analysis.json, analysis.csv, report.html."),
     k: int = typer.Option(6, "--k", min=1, help="Safety-subspace rank for energy_top_k, r_align, r_ft."),
@@ -162,7 +162,8 @@ def analyze(
     device: str = typer.Option("cpu", "--device", help="Device for the math (cpu, cuda, cuda:1, ...)."),
 ):
     """Per-tensor safety-subspace report: spectra, effective ranks, LoX's r_align/r_ft,
-    Safe LoRA cosines. Streams the models one tensor at a time."""
+    Safe LoRA cosines (what safelora_project would project and safemerge would merge).
+    Streams the models one tensor at a time."""
     from mergekit_lox.analyze import run_analysis
 
     paths = run_analysis(base, aligned, out, finetuned, k=k, name_filter=name_filter, device=device, progress=True)
