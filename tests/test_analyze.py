@@ -312,8 +312,8 @@ def _csv_matches(path, analysis_json, columns):
     for cells, row in zip(body, analysis_json["tensors"], strict=True):
         for column, cell in zip(columns, cells, strict=True):
             value = row[column]
-            if column == "name":
-                assert cell == value
+            if column == "name":  # a name a spreadsheet would run is shown as text
+                assert cell == ("'" + value if value[:1] in "=+-@" else value)
             elif column == "shape":
                 assert cell == "x".join(map(str, value))
             elif value is None:
@@ -562,3 +562,18 @@ def test_demo_writes_the_report_of_its_models(tmp_path, monkeypatch):
     data = _strict_json(tmp_path / "demo" / "analysis" / "analysis.json")
     assert data["inputs"]["finetuned"] == os.path.abspath(tmp_path / "demo" / "models" / "finetuned")
     assert data["summary"]["suggested_lox_rank"] == 4
+
+
+def test_a_tensor_name_that_is_a_formula_is_text_in_the_csv(tmp_path):
+    """Issue 23: tensor names come from the checkpoint and went raw into CSV cells."""
+    g = torch.Generator().manual_seed(9)
+    names = ['=HYPERLINK("http://x","y").weight', "@SUM(A1).weight", "model.ok.weight"]
+    base = {n: torch.randn(8, 6, generator=g) for n in names}
+    aligned = {n: t + 0.1 * torch.randn(8, 6, generator=g) for n, t in base.items()}
+    written = run_analysis(
+        write_model(tmp_path / "b", base), write_model(tmp_path / "a", aligned), str(tmp_path / "out"), k=2
+    )
+    with open(written["csv"], newline="", encoding="utf-8") as f:
+        cells = {row[0] for row in list(csv.reader(f))[1:]}
+    assert cells == {"'" + names[0], "'" + names[1], names[2]}
+    _csv_matches(written["csv"], _strict_json(written["json"]), TENSOR_KEYS)

@@ -368,9 +368,32 @@ def test_lm_eval_is_called_not_reimplemented(models, prompts_file, tmp_path, mon
     monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
     settings = quiet(safety=prompts_file, lm_eval_tasks=["arc_easy"], max_new_tokens=2, batch_size=6)
     report = run_eval(models[:1], str(tmp_path / "out"), **settings)
-    assert calls[0]["model"] == "hf" and calls[0]["model_args"] == f"pretrained={models[0]}"
+    # A dict: lm-eval would split "pretrained=PATH" at a comma in PATH (issue 23).
+    assert calls[0]["model"] == "hf" and calls[0]["model_args"] == {"pretrained": models[0]}
     assert calls[0]["tasks"] == ["arc_easy"]
     assert report["models"][0]["utility"]["lm_eval"] == {"arc_easy": {"acc,none": 0.25, "acc_stderr,none": 0.01}}
+
+
+def test_lm_eval_names_reach_the_report_escaped_and_a_comma_path_stays_one_argument(
+    models, prompts_file, tmp_path, monkeypatch
+):
+    """Issue 23: a task or metric name went into a table header raw; a model path with a
+    comma became extra lm-eval model arguments."""
+    import shutil
+
+    calls = []
+
+    def simple_evaluate(**kwargs):
+        calls.append(kwargs)
+        return {"results": {"<b>task</b>": {"<i>acc</i>,none": 0.5}}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    odd = str(shutil.copytree(models[0], tmp_path / "m,trust_remote_code=True"))
+    settings = quiet(safety=prompts_file, lm_eval_tasks=["t"], max_new_tokens=2, batch_size=6)
+    run_eval([odd], str(tmp_path / "out"), **settings)
+    assert calls[0]["model_args"] == {"pretrained": odd}
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "&lt;b&gt;task&lt;/b&gt;" in html and "<b>task" not in html and "<i>acc" not in html
 
 
 TASK_YAML = """task: tiny_mc

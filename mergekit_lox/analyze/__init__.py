@@ -48,6 +48,7 @@ from mergekit_lox.analyze.stats import (  # noqa: F401 - public names of analyze
     summarize,
     tensor_stats,
 )
+from mergekit_lox.files.output import spreadsheet_text
 
 # --------------------------------------------------------------------------- streaming
 
@@ -165,6 +166,8 @@ def _csv_value(value) -> str:
         return "x".join(str(v) for v in value)
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, str):
+        return spreadsheet_text(value)  # tensor names come from the checkpoint
     return str(value)
 
 

@@ -106,7 +106,9 @@ def lm_eval_tasks(
     try:
         output = lm_eval.simple_evaluate(
             model="hf",
-            model_args=f"pretrained={path}",
+            # A dict, not "pretrained=PATH": lm-eval splits a string at commas and '=', so a
+            # path holding one would become other model arguments.
+            model_args={"pretrained": path},
             tasks=names,
             batch_size=batch_size,
             device=device,

@@ -39,6 +39,18 @@ def is_within(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
+# What a spreadsheet runs as a formula when a cell starts with it (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_text(text: str) -> str:
+    """A text cell for a CSV file the tool writes: one that a spreadsheet would run as a
+    formula (a tensor name, a task name or an error text starting with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return) is prefixed with ``'``, which shows it as text.
+    Numbers are not text and are never touched."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def name_problem(name: str) -> Optional[str]:
     """Why ``name`` cannot be one folder's name inside a folder the tool writes (a chain
     stage's ``name:``, a sweep point): None when it can. An absolute path, ``..``, a

@@ -48,7 +48,7 @@ def card(value: str, what: str, accent: bool = False) -> str:
 
 
 def table(rows: List[Dict[str, object]], columns: Sequence[str]) -> str:
-    head = "".join(f'<th class="name">{c}</th>' if c == "name" else f"<th>{c}</th>" for c in columns)
+    head = "".join(f'<th class="name">{esc(c)}</th>' if c == "name" else f"<th>{esc(c)}</th>" for c in columns)
     body = []
     for row in rows:
         cells = []

@@ -23,6 +23,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from mergekit_lox.files.output import spreadsheet_text
 from mergekit_lox.sweep.numbers import number
 from mergekit_lox.sweep.spec import SweepError
 
@@ -262,8 +263,7 @@ def _csv_value(value) -> Any:
         return ""
     if isinstance(value, (dict, list)):
         value = json.dumps(value)
-    # A text cell a spreadsheet would run as a formula (=, +, -, @) is quoted as text.
-    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@") else value
+    return spreadsheet_text(value) if isinstance(value, str) else value
 
 
 def _staged_cells(point: Dict[str, Any], attacks: List[str]) -> Dict[str, Any]:
