@@ -52,9 +52,11 @@ def _path(value) -> Optional[str]:
 
 def _attack(model: str, fields: Dict[str, Any], out: str):
     """`mergekit-lox attack` of ``model`` into ``out``: resumable, a finished attack is returned as it is."""
+    from pathlib import Path
+
     from mergekit_lox.attack import run_attack
 
-    return run_attack(model, stages.attack_settings(fields), out)
+    return run_attack(model, stages.attack_settings(fields), Path(out))
 
 
 def _attacked(model: Callable[[], str], name: str, fields: Dict[str, Any], folder: str, options: Dict[str, Any]):
