@@ -536,10 +536,16 @@ def load_sweep(path: str) -> Sweep:
 def sweep_summary(sweep: Sweep) -> str:
     docs = len(sweep.documents)
     shape = f"{docs} documents" if docs > 1 else f"1 document, {sweep.documents[0].get('merge_method')}"
-    return (
+    line = (
         f"ok: {sweep.path}: {len(sweep.points)} point(s) over {', '.join(sweep.addresses) or 'no parameter'} "
         f"of {sweep.recipe_label} ({shape})"
     )
+    if sweep.staged:
+        line += f"; attacks: {', '.join(sweep.attacks)}"
+        if sweep.repair_documents:
+            line += f"; repair: {sweep.repair_documents[-1].get('merge_method')}"
+        line += f"; baseline: {sweep.baseline}" if sweep.baseline else "; no baseline"
+    return line
 
 
 def check_file(path: str) -> Tuple[Report, str]:
