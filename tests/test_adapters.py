@@ -278,6 +278,6 @@ def test_methods_lists_what_can_be_an_adapter(capsys):
     code, out, _ = run_cli(["methods", "--json"], capsys)
     assert code == 0
     adapters = {m["name"]: m["adapter"] for m in json.loads(out)}
-    assert adapters == {"lox_extrapolate": True, "lssf_fusion": True, "safelora_project": False}
+    assert adapters == {"lox_extrapolate": True, "lssf_fusion": True, "safelora_project": False, "safemerge": False}
     code, out, _ = run_cli(["methods"], capsys)
     assert out.count("mergekit-lox adapter") == 2
