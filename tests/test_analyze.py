@@ -351,7 +351,7 @@ def test_files_are_written_and_well_formed(crafted, tmp_path):
     paths, _ = crafted
     out = tmp_path / "report"
     written = run_analysis(paths["base"], paths["aligned"], str(out), paths["finetuned"], k=2)
-    assert sorted(os.listdir(out)) == ["analysis.csv", "analysis.json", "report.html"]
+    assert sorted(os.listdir(out)) == [".mergekit_lox_files.json", "analysis.csv", "analysis.json", "report.html"]
     data = _strict_json(written["json"])
     assert set(data) == {"tensors", "summary", "inputs"}
     assert data["inputs"]["finetuned"] == os.path.abspath(paths["finetuned"]) and data["inputs"]["k"] == 2

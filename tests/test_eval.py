@@ -561,3 +561,26 @@ def test_bad_input_is_one_clear_line(case, models, prompts_file, tmp_path, capsy
     assert recorder.asked == []  # checked before anything is generated
     assert not os.path.exists(out)  # nothing written, not even the cache folder
     assert sorted(os.listdir(models[0])) == before
+
+
+def test_eval_and_analyze_never_overwrite_a_report_they_did_not_write(models, prompts_file, family, tmp_path, capsys):
+    """Issue 23: eval and analyze replaced report.html, eval.json and analysis.* in an
+    existing -o. A file of the user's there is refused by name, before any work."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("the user's report")
+    code, _, err = run_cli(
+        ["eval", models[0], "--safety", prompts_file, "-o", str(out), "--max-new-tokens", "2"], capsys
+    )
+    assert code == 1 and "already holds report.html, which mergekit-lox eval did not write" in err
+    args = ["analyze", "--base", family.base, "--aligned", family.aligned, "-o", str(out)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1 and "already holds report.html, which mergekit-lox analyze did not write" in err
+    assert sorted(os.listdir(out)) == ["report.html"] and (out / "report.html").read_text() == "the user's report"
+    # Its own output is replaced on a second run.
+    ours = str(tmp_path / "ours")
+    for _ in range(2):
+        code, _, err = run_cli(
+            ["eval", models[0], "--safety", prompts_file, "-o", ours, "--max-new-tokens", "2"], capsys
+        )
+        assert code == 0, err

@@ -53,3 +53,57 @@ def test_input_holding_names_the_input_that_would_be_written_into(tmp_path):
 )
 def test_one_hub_id_pattern(text, hub):
     assert looks_like_hub_id(text) is hub
+
+
+def test_temporary_files_get_unpredictable_names_created_exclusively(tmp_path, monkeypatch):
+    """Issue 23: `report.html.partial` (and a pid-derived name) were opened through a
+    symlink planted there: the write went into the link's target."""
+    import secrets
+
+    from mergekit_lox.files import output
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    target = tmp_path / "report.html"
+    draws = iter(["aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(draws))
+    prefix = output.staging_prefix(str(tmp_path), "report.html")
+    os.symlink(victim, tmp_path / f"{prefix}aaaaaaaa")  # planted at the first name drawn
+    atomic_write_text(str(target), "<html>")
+    assert target.read_text() == "<html>" and victim.read_text() == "the user's"
+    assert os.path.islink(tmp_path / f"{prefix}aaaaaaaa")  # left alone; another name was drawn
+    assert not os.path.exists(tmp_path / f"{prefix}bbbbbbbb")  # renamed over the target
+
+
+def test_files_a_command_did_not_write_are_not_overwritten(tmp_path):
+    from mergekit_lox.files.output import OutputError, claim_files, refuse_foreign_files
+
+    (tmp_path / "report.html").write_text("the user's")
+    (tmp_path / "notes.txt").write_text("kept")
+    with pytest.raises(OutputError, match=r"already holds report.html, which mergekit-lox eval did not write"):
+        refuse_foreign_files(str(tmp_path), ["eval.json", "report.html"], "mergekit-lox eval")
+    with pytest.raises(OutputError, match="report.html"):
+        claim_files(str(tmp_path), ["eval.json", "report.html"], "mergekit-lox eval")
+    fresh = tmp_path / "fresh"
+    claim_files(str(fresh), ["eval.json", "report.html"], "mergekit-lox eval")
+    (fresh / "report.html").write_text("ours")
+    refuse_foreign_files(str(fresh), ["eval.json", "report.html"], "mergekit-lox eval")  # ours: may be replaced
+    assert (tmp_path / "report.html").read_text() == "the user's"
+
+
+def test_files_added_to_out_during_a_run_stop_the_swap(tmp_path):
+    """Issue 23: OUT was checked once, before the run, then replaced whole."""
+    from mergekit_lox.files.output import OutputError, staged_output
+
+    out = tmp_path / "out"
+    with staged_output(str(out), markers=("done",), writer="test") as staging:
+        os.makedirs(staging)
+        (tmp_path / "out.txt").write_text("x")
+        open(os.path.join(staging, "done"), "w").close()
+    with pytest.raises(OutputError, match=r"1 file\(s\) appeared in it during the run .*added.txt.*not kept"):
+        with staged_output(str(out), markers=("done",), writer="test") as staging:
+            os.makedirs(staging)
+            open(os.path.join(staging, "done"), "w").close()
+            (out / "added.txt").write_text("the user's, written while the run computed")
+    assert (out / "added.txt").read_text().startswith("the user's") and (out / "done").exists()
+    assert [e for e in os.listdir(tmp_path) if e.startswith(".")] == []  # no staging folder left

@@ -146,8 +146,12 @@ def analyze_models(
 # --------------------------------------------------------------------------- output
 
 
+# What analyze writes into -o (and may replace there: files/output.claim_files).
+ANALYSIS_FILES = ("analysis.json", "analysis.csv", "report.html")
+
+
 def _check_output_dir(out_dir: str, inputs: Iterable[Optional[str]]) -> str:
-    from mergekit_lox.files.output import input_holding
+    from mergekit_lox.files.output import OutputError, input_holding, refuse_foreign_files
 
     out = os.path.realpath(out_dir)
     # Writing three report files beside (or above) a model is harmless; inside it is not.
@@ -156,6 +160,10 @@ def _check_output_dir(out_dir: str, inputs: Iterable[Optional[str]]) -> str:
         raise AnalysisError(f"output directory {out_dir} is inside input model {holding[1]}; choose another -o")
     if os.path.exists(out) and not os.path.isdir(out):
         raise AnalysisError(f"output {out_dir} exists and is not a directory")
+    try:
+        refuse_foreign_files(out, ANALYSIS_FILES, "mergekit-lox analyze")
+    except OutputError as error:
+        raise AnalysisError(str(error)) from None
     return out
 
 
@@ -176,13 +184,14 @@ def write_outputs(analysis: Analysis, out_dir: str) -> Dict[str, str]:
     import io
 
     from mergekit_lox.analyze.report import render_report
-    from mergekit_lox.files.output import atomic_write_text
+    from mergekit_lox.files.output import OutputError, atomic_write_text, claim_files
 
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        claim_files(out_dir, ANALYSIS_FILES, "mergekit-lox analyze")
+    except OutputError as error:
+        raise AnalysisError(str(error)) from None
     paths = {
-        "json": os.path.join(out_dir, "analysis.json"),
-        "csv": os.path.join(out_dir, "analysis.csv"),
-        "html": os.path.join(out_dir, "report.html"),
+        kind: os.path.join(out_dir, name) for kind, name in zip(("json", "csv", "html"), ANALYSIS_FILES, strict=True)
     }
     # allow_nan=False: every undefined value is already null, and stays valid JSON.
     atomic_write_text(paths["json"], json.dumps(analysis.to_json(), indent=1, allow_nan=False) + "\n")

@@ -20,6 +20,7 @@ from mergekit_lox.data.generation import ModelLoadError  # noqa: F401 - raised f
 from mergekit_lox.data.prompts import DataError, load_prompts  # noqa: F401 - DataError: raised from here
 from mergekit_lox.evaluate.judges import JudgeError  # noqa: F401 - raised from here
 from mergekit_lox.evaluate.utility import LM_EVAL_MISSING, UtilityError
+from mergekit_lox.files.output import OutputError, atomic_write_text, claim_files
 
 EVAL_FILES = ("eval.json", "answers.jsonl", "report.html")
 
@@ -28,15 +29,8 @@ class EvalError(ValueError):
     """Bad options or outputs for eval; the message names them."""
 
 
-def _write_atomic(path: str, text: str) -> None:
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(partial, path)
-
-
 def _check_output(out_dir: str, cache_dir: Optional[str], inputs: Sequence[str]) -> None:
-    from mergekit_lox.files.output import is_within
+    from mergekit_lox.files.output import is_within, refuse_foreign_files
 
     for model in inputs:
         if not os.path.isdir(model):
@@ -47,6 +41,10 @@ def _check_output(out_dir: str, cache_dir: Optional[str], inputs: Sequence[str])
             raise EvalError(f"--cache-dir {cache_dir} overlaps input model {model}; choose another")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise EvalError(f"output {out_dir} exists and is not a directory")
+    try:
+        refuse_foreign_files(out_dir, EVAL_FILES, "mergekit-lox eval")
+    except OutputError as error:
+        raise EvalError(str(error)) from None
 
 
 def _generation_settings(max_new_tokens: int, seed: int, backend: str) -> Dict[str, object]:
@@ -223,10 +221,13 @@ def run_eval(
             "cache": os.path.abspath(cache_dir),
         },
     }
-    os.makedirs(out_dir, exist_ok=True)
-    _write_atomic(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=1, allow_nan=False) + "\n")
-    _write_atomic(
+    try:
+        claim_files(out_dir, EVAL_FILES, "mergekit-lox eval")
+    except OutputError as error:
+        raise EvalError(str(error)) from None
+    atomic_write_text(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(
         os.path.join(out_dir, "answers.jsonl"), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
-    _write_atomic(os.path.join(out_dir, "report.html"), render_report(report, rows))
+    atomic_write_text(os.path.join(out_dir, "report.html"), render_report(report, rows))
     return report

@@ -111,24 +111,31 @@ STAGE_RECORD = "mergekit_lox_stage.yml"
 MERGE_OUTPUT_MARKERS = ("mergekit_config.yml", STAGE_RECORD)
 
 
-def refuse_to_replace(out: str, markers: Tuple[str, ...] = MERGE_OUTPUT_MARKERS, writer: str = "a merge") -> None:
+def refuse_to_replace(
+    out: str, markers: Tuple[str, ...] = MERGE_OUTPUT_MARKERS, writer: str = "a merge", during: bool = False
+) -> None:
     """Raise unless OUT is absent, empty, or holds one of ``markers`` (by default:
-    the output of an earlier merge; `mergekit-lox adapter` passes its own marker)."""
+    the output of an earlier merge; `mergekit-lox adapter` passes its own marker).
+    ``during``: the second look, right before the swap (files may have appeared in OUT
+    while the run computed)."""
+    when = "appeared in" if during else "already exists as"
+    outcome = "; OUT was left as it is and the new result not kept" if during else ""
     if not os.path.lexists(out):
         return
     if not os.path.isdir(out):
-        raise OutputError(f"output {out} exists and is not a directory: choose another OUT")
+        raise OutputError(f"output {out} {when} something that is not a directory{outcome}: choose another OUT")
     entries = os.listdir(out)
     if entries and MANIFEST not in entries and not any(marker in entries for marker in markers):
         raise OutputError(
-            f"output {out} already exists and was not written by {writer} (no {markers[0]}); "
+            f"output {out} already exists and was not written by {writer} (no {markers[0]}){outcome}; "
             "a run replaces OUT as a whole: remove it or choose another OUT"
         )
     extra = unwritten_files(out)
     if extra:
         shown = ", ".join(extra[:5]) + (f" (and {len(extra) - 5} more)" if len(extra) > 5 else "")
+        said = "file(s) appeared in it during the run that" if during else "file(s) that"
         raise OutputError(
-            f"output {out} holds {len(extra)} file(s) that {writer} did not write: {shown}; "
+            f"output {out} holds {len(extra)} {said} {writer} did not write: {shown}{outcome}; "
             "a run replaces OUT as a whole: move them out of OUT or choose another OUT"
         )
 
@@ -196,6 +203,46 @@ def write_manifest(directory: str) -> None:
         json.dump({"written_by": "mergekit-lox", "files": files}, f, indent=1)
 
 
+def _recorded_files(directory: str) -> list:
+    import json
+
+    try:
+        with open(os.path.join(directory, MANIFEST), "r", encoding="utf-8") as f:
+            return list(json.load(f)["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def refuse_foreign_files(directory: str, names: Iterable[str], writer: str) -> None:
+    """Before a command writes ``names`` into ``directory`` (its ``-o``): refuse, naming
+    the file, when one of them exists and is not recorded in ``directory``'s MANIFEST as
+    written by mergekit-lox (a ``report.html`` of the user's, another tool's
+    ``eval.json``). Other files in ``directory`` are left alone. Writes nothing."""
+    recorded = _recorded_files(directory)
+    foreign = [n for n in names if os.path.lexists(os.path.join(directory, n)) and n not in recorded]
+    if foreign:
+        raise OutputError(
+            f"{directory} already holds {', '.join(foreign)}, which {writer} did not write: "
+            "choose another -o, or move that file, so that it is not overwritten"
+        )
+
+
+def claim_files(directory: str, names: Iterable[str], writer: str) -> None:
+    """Right before ``writer`` writes ``names`` into ``directory``: ``refuse_foreign_files``
+    once more (a file may have appeared while it computed), then record them in the
+    MANIFEST (before they are written: a run killed half-way may replace them next time)."""
+    import json
+
+    names = list(names)
+    refuse_foreign_files(directory, names, writer)
+    recorded = _recorded_files(directory)
+    files = recorded + [n for n in names if n not in recorded]
+    os.makedirs(directory, exist_ok=True)
+    atomic_write_text(
+        os.path.join(directory, MANIFEST), json.dumps({"written_by": "mergekit-lox", "files": files}, indent=1)
+    )
+
+
 def claim_directory(path: str, marker: str, writer: str) -> None:
     """Make ``path`` a folder that ``writer`` fills with files of its own: it must be
     new, empty, or claimed by ``writer`` before (it holds ``marker``), so that no
@@ -219,17 +266,33 @@ def atomic_write_text(path: str, text: str) -> None:
     """Write the file ``path`` whole or not at all: into a hidden sibling first,
     renamed over ``path`` once written (a half-written file never lies around)."""
     directory, name = os.path.split(os.path.abspath(path))
-    # open(), not mkstemp: the file gets the usual permissions (umask), not 0600.
-    # staging_prefix: a long legal NAME must not make the sibling's name too long.
-    partial = os.path.join(directory, f"{staging_prefix(directory, name)}{os.getpid() % 10**_RANDOM:0{_RANDOM}d}")
+    partial, descriptor = exclusive_sibling(directory, name)
     try:
-        with open(partial, "w", encoding="utf-8", newline="") as f:
+        with open(descriptor, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         os.replace(partial, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(partial)
         raise
+
+
+def exclusive_sibling(directory: str, name: str) -> Tuple[str, int]:
+    """``(path, fd)`` of a new file beside ``name`` in ``directory``, under an unpredictable
+    name (staging_prefix + 8 random characters), created exclusively: a name somebody
+    planted (a symlink to a file of theirs, a file) is never opened, another is drawn.
+    The file gets the usual permissions (umask), not mkstemp's 0600."""
+    import secrets
+
+    prefix = staging_prefix(directory, name)  # a long legal NAME must not make this too long
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = os.path.join(directory, prefix + secrets.token_hex(_RANDOM // 2))
+        try:
+            return path, os.open(path, flags, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {os.path.join(directory, name)}")
 
 
 @contextlib.contextmanager
@@ -268,6 +331,8 @@ def staged_output(
             if verify is not None:
                 verify(staging)
             write_manifest(staging)
+            # Checked again right before the swap: the first look was before the run.
+            refuse_to_replace(out, markers, writer, during=True)
             move_into_place(staging, out, os.path.join(root, ".replaced"))
     finally:
         shutil.rmtree(root, ignore_errors=True)
