@@ -361,7 +361,8 @@ def test_energy_entropy_top_k(mode):
     cases = {"fast": planted((2, 400, 300), "fast", 4, seed=41), "noise-floor": noise_floor((300, 200), 6, 6.0, 42)}
     for name, M in cases.items():
         linalg.reset_svd_counts()
-        factors, ranks = linalg.energy_entropy_top_k(M, 0.9, mode)
+        factors, ranks, close = linalg.energy_entropy_top_k(M, 0.9, mode)
+        assert not bool(close.any()), name  # ranks well inside the rule's boundaries
         stack = ref.f64(M).reshape(-1, *M.shape[-2:])
         got = linalg.lowrank_per_matrix(factors, ranks).double().reshape(stack.shape).numpy()
         sketched = mode == "randomized" and name == "fast"
@@ -649,7 +650,8 @@ def test_energy_entropy_lowrank_through_the_complement(shape, monkeypatch):
     for name, M in cases.items():
         used.clear()
         linalg.reset_svd_counts()
-        term, ranks = linalg.energy_entropy_lowrank(M, 0.9, "auto")
+        term, ranks, close = linalg.energy_entropy_lowrank(M, 0.9, "auto")
+        assert not bool(close.any()), name  # ranks well inside the rule's boundaries
         assert linalg.svd_counts() == {"exact": 2, "randomized": 0, "fallback": 0, "gram": 2}, name
         stack = ref.f64(M)
         for i, x in enumerate(stack):

@@ -52,6 +52,7 @@ from mergekit_lox.linalg.modes import (
 )
 from mergekit_lox.linalg.randomized import GuardedTopK, guarded_top_k
 from mergekit_lox.linalg.spectra import (
+    EntropyLowRank,
     EntropyRank,
     EntropyTopK,
     effective_rank,
@@ -66,6 +67,7 @@ from mergekit_lox.linalg.spectra import (
 __all__ = [
     "Decomposition",
     "EntropyRank",
+    "EntropyLowRank",
     "EntropyTopK",
     "GuardedTopK",
     "RANDOMIZED",

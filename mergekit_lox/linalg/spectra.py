@@ -32,6 +32,11 @@ _CEIL_TOLERANCE = 1e-6
 # Half-width of the interval around each Gram eigenvalue, in units of
 # u sqrt(max(m, n)) |M|_F²: 10 times the largest error measured (docs/performance.md).
 ROUNDING_GRAM = 2.0
+# Half-width of the interval around each singular value from LAPACK's float32 SVD, in
+# units of u |M|_F: 4 times the largest error measured against float64 (4 u |M|_F on
+# noise, power-law and low-rank-plus-noise spectra, 256 x 768 to 1024 x 1024, with MKL's
+# default and MKL_CBWR=COMPATIBLE paths).
+ROUNDING_SVD = 16.0
 
 
 def singular_value_entropy(S: torch.Tensor, shape) -> torch.Tensor:
@@ -107,6 +112,27 @@ def _interval_ranks(low, high, total_low, total_high, shape, eta: float, eps: fl
     return torch.where(zero, 1, rank), zero | (rank == earliest)
 
 
+def _within_rounding(energy, width, total, total_width, shape, eta: float, eps: float) -> torch.Tensor:
+    """Where LSSF's rank from the energies ``S_i² [..., n]``, each known to ``± width``
+    (``|M|_F² = total ± total_width``, ``[..., 1]``), is not certified: a spectrum within
+    rounding of the computed one has another rank, so another BLAS path or device may
+    choose it."""
+    low, high = (energy - width).clamp_min(0), energy + width
+    bounds = ((total - total_width).clamp_min(0), total + total_width)
+    return ~_interval_ranks(low, high, *bounds, shape, eta, eps)[1]
+
+
+def svd_ranks_within_rounding(S: torch.Tensor, matrix: torch.Tensor, eta: float) -> torch.Tensor:
+    """``_within_rounding`` for singular values ``S`` of ``matrix`` from LAPACK's SVD, each
+    known to ``ROUNDING_SVD u |M|_F`` (a calibrated allowance, as the certificate's)."""
+    u = unit_roundoff(S.dtype)
+    total = torch.linalg.vector_norm(matrix, dim=(-2, -1)).to(torch.float64).square().unsqueeze(-1)
+    delta = ROUNDING_SVD * u * total.sqrt()
+    values = S.to(torch.float64)
+    width = (2 * values + delta) * delta
+    return _within_rounding(values.square(), width, total, 8 * u * total, matrix.shape, eta, torch.finfo(S.dtype).eps)
+
+
 def energy_entropy_ranks(S: torch.Tensor, shape, eta: float) -> torch.Tensor:
     """LSSF's automatic rank per matrix from exact singular values ``S [..., n]``.
 
@@ -155,10 +181,21 @@ def energy_entropy_rank(matrix: torch.Tensor, eta: float, svd: SvdMode = "auto")
 
 
 class EntropyTopK(NamedTuple):
-    """The top-``max(ranks)`` triplets of each matrix and LSSF's rank of each."""
+    """The top-``max(ranks)`` triplets of each matrix, LSSF's rank of each, and ``close
+    [...]``: True where rounding of the spectrum (within the path's proven or calibrated
+    error) could give another rank, so that another BLAS path or device may choose it."""
 
     factors: Decomposition
     ranks: torch.Tensor
+    close: torch.Tensor
+
+
+class EntropyLowRank(NamedTuple):
+    """``lowrank_r(M)`` with LSSF's rank ``r`` of each matrix, and ``close`` as EntropyTopK's."""
+
+    term: torch.Tensor
+    ranks: torch.Tensor
+    close: torch.Tensor
 
 
 def energy_entropy_top_k(
@@ -188,37 +225,42 @@ def energy_entropy_top_k(
             s_next = chosen.values.gather(-1, chosen.ranks.unsqueeze(-1))
             gap = bool((s_next <= (1 - settings.min_relative_gap) * s_r).all())
             if gap and bool(chosen.certified.all()) and uses_randomized(matrix.shape, widest, svd, settings):
-                return EntropyTopK(guarded_top_k(matrix, chosen.ranks, svd, settings).factors, chosen.ranks)
+                factors = guarded_top_k(matrix, chosen.ranks, svd, settings).factors
+                return EntropyTopK(factors, chosen.ranks, ~chosen.certified)
         _count("fallback", matrices)
     else:
         _count("exact", matrices)
     if svd != "exact" and gram.applies(matrix):
         certified = _gram_ranks(matrix, eta, settings)
         if certified is not None:
-            spectrum, ranks = certified
+            spectrum, ranks, close = certified
             _count("gram", matrices)
-            return EntropyTopK(gram.factors(matrix, spectrum, int(ranks.max())), ranks)
+            return EntropyTopK(gram.factors(matrix, spectrum, int(ranks.max())), ranks, close)
     factors = exact.svd(matrix)
     ranks = energy_entropy_ranks(factors.S, matrix.shape, eta)
-    return EntropyTopK(factors.leading(int(ranks.max()) if matrices else 1), ranks)
+    close = svd_ranks_within_rounding(factors.S, matrix, eta)
+    return EntropyTopK(factors.leading(int(ranks.max()) if matrices else 1), ranks, close)
 
 
 def _gram_ranks(matrix: torch.Tensor, eta: float, settings: RandomizedSettings):
-    """``(spectrum, ranks)`` by the Gram path where its bound at every matrix's rank is
-    within the tolerance, else None. The rule runs on the Gram values with the float32
-    cutoff of ``nonzero_mask`` (the values are accurate to ``e ~ 1e-12 |M|_F²``, far
-    inside it)."""
+    """``(spectrum, ranks, close)`` by the Gram path where its bound at every matrix's
+    rank is within the tolerance, else None. The rule runs on the Gram values with the
+    float32 cutoff of ``nonzero_mask`` (the values are accurate to ``e ~ 1e-12 |M|_F²``,
+    far inside it); ``close`` where a spectrum within ``e`` of them has another rank."""
     spectrum = gram.spectrum(matrix)
     ranks = energy_entropy_ranks(spectrum.values.sqrt().to(matrix.dtype), matrix.shape, eta)
     if bool((gram.term_bound(spectrum, ranks) <= settings.tolerance).all()):
-        return spectrum, ranks
+        e, total = spectrum.error.unsqueeze(-1), spectrum.total.unsqueeze(-1)
+        close = _within_rounding(spectrum.values, e, total, e, matrix.shape, eta, torch.finfo(matrix.dtype).eps)
+        return spectrum, ranks, close
     return None
 
 
 def energy_entropy_lowrank(
     matrix: torch.Tensor, eta: float, svd: SvdMode = "auto", settings: RandomizedSettings = RANDOMIZED
 ):
-    """``(lowrank_r(M), ranks)`` with LSSF's automatic rank ``r`` of each matrix of a stack.
+    """``(lowrank_r(M), ranks, close)`` with LSSF's automatic rank ``r`` of each matrix of a
+    stack (``close``: EntropyTopK's).
 
     ``auto`` on the Gram path, where the ranks pass half the smaller side ``s``: through
     the complement, ``lowrank_r(M) = M - P_c M`` with the ``s - r`` trailing directions,
@@ -231,16 +273,17 @@ def energy_entropy_lowrank(
         if certified is None:
             svd = "exact"  # the Gram path does not certify: LAPACK, without a second Gram pass
         else:
-            spectrum, ranks = certified
+            spectrum, ranks, close = certified
             matrices = math.prod(matrix.shape[:-2])
             _count("exact", matrices)
             _count("gram", matrices)
             s, low = spectrum.size, int(ranks.min())
             if s - low >= int(ranks.max()):
-                return lowrank_per_matrix(gram.factors(matrix, spectrum, int(ranks.max())), ranks), ranks
+                term = lowrank_per_matrix(gram.factors(matrix, spectrum, int(ranks.max())), ranks)
+                return EntropyLowRank(term, ranks, close)
             trailing = torch.arange(low, s, device=matrix.device) >= ranks.unsqueeze(-1)
             W = spectrum.vectors[..., low:].to(matrix.dtype) * trailing.unsqueeze(-2).to(matrix.dtype)
             tail = W @ (W.mT @ matrix) if spectrum.left else (matrix @ W) @ W.mT
-            return torch.sub(matrix, tail, out=tail), ranks
-    factors, ranks = energy_entropy_top_k(matrix, eta, svd, settings)
-    return lowrank_per_matrix(factors, ranks), ranks
+            return EntropyLowRank(torch.sub(matrix, tail, out=tail), ranks, close)
+    factors, ranks, close = energy_entropy_top_k(matrix, eta, svd, settings)
+    return EntropyLowRank(lowrank_per_matrix(factors, ranks), ranks, close)

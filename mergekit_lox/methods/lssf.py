@@ -80,11 +80,16 @@ class FusionFactors(NamedTuple):
     padded to the largest rank of the stack, ``B [..., m, r_max]``, ``A [..., r_max, n]``,
     with the columns of B and rows of A past a matrix's own rank exactly zero;
     ``ranks [...]`` says each matrix's rank. Both float32 (float64 for float64 input).
+    ``close [...]``: True where the automatic rank is within rounding of the rule's
+    boundary (linalg.EntropyTopK), so another BLAS path or device may choose another;
+    False for a fixed rank and a calibrated subspace (its stored values decide alike
+    everywhere).
     """
 
     B: torch.Tensor
     A: torch.Tensor
     ranks: torch.Tensor
+    close: torch.Tensor
 
 
 # --------------------------------------------------------------------------- the rank rule
@@ -137,13 +142,14 @@ def _data_free_factors(tau: torch.Tensor, scale: float, eta: float, rank: int, t
         width = min(rank, linalg.full_rank_of(tau))
         U, S, Vh = linalg.guarded_top_k(tau, width, svd).factors
         ranks = torch.full(tau.shape[:-2], width, dtype=torch.int64, device=tau.device)
+        close = torch.zeros_like(ranks, dtype=torch.bool)
     else:
-        (U, S, Vh), ranks = linalg.energy_entropy_top_k(tau, eta, svd)
+        (U, S, Vh), ranks, close = linalg.energy_entropy_top_k(tau, eta, svd)
         width = _largest(ranks)
     U, S, Vh = U[..., :width], S[..., :width], Vh[..., :width, :]
     a = direction_weights(S, ranks, top_weight).to(tau.dtype)
     # U' U'^T tau = U diag(a) diag(a) U^T U diag(S) Vh = U diag(a^2 S) Vh on the kept directions.
-    return FusionFactors(scale * U * a.unsqueeze(-2), (a * S).unsqueeze(-1) * Vh, ranks)
+    return FusionFactors(scale * U * a.unsqueeze(-2), (a * S).unsqueeze(-1) * Vh, ranks, close)
 
 
 def _calibrated_factors(tau: torch.Tensor, basis: Basis, scale: float, eta: float, rank: int, top_weight: float):
@@ -152,7 +158,7 @@ def _calibrated_factors(tau: torch.Tensor, basis: Basis, scale: float, eta: floa
     ranks = _ranks(S, tau.shape, eta, rank).clamp(max=U.shape[-1])
     width = _largest(ranks)
     U = U[:, :width] * direction_weights(S[:width], ranks, top_weight).to(tau.dtype)
-    return FusionFactors(scale * U, U.mT @ tau, ranks)
+    return FusionFactors(scale * U, U.mT @ tau, ranks, torch.zeros_like(ranks, dtype=torch.bool))
 
 
 def check_basis(name, basis: Basis, shape, where: str = "the subspace") -> None:
@@ -224,17 +230,42 @@ def fuse(finetuned: torch.Tensor, aligned: torch.Tensor, base: torch.Tensor, **p
     ``parameters``: those of ``fusion_terms``. A zero safety vector needs no special
     case: its factors are zero (r = 1, S = 0) and the output is ``W_f`` exactly.
     """
+    return fuse_with_ranks(finetuned, aligned, base, **parameters)[0]
+
+
+def fuse_with_ranks(finetuned: torch.Tensor, aligned: torch.Tensor, base: torch.Tensor, **parameters):
+    """``(fuse(...), ranks, close)``: the result, the rank of each matrix and where that rank
+    is within rounding of the rule's boundary (FusionFactors.close); None, None for 1-D."""
     if finetuned.ndim < 2:
-        return finetuned
+        return finetuned, None, None
     dtype = linalg.compute_dtype(finetuned)
     if _plain_automatic(parameters):
         # top_weight 1: U' U'^T tau = lowrank_r(tau), which the Gram path forms through
         # the complement when r passes half the smaller side (linalg.energy_entropy_lowrank).
         tau = aligned.to(dtype) - base.to(dtype)
-        term, _ = linalg.energy_entropy_lowrank(tau, parameters.get("eta", DEFAULT_ETA), "auto")
-        return torch.add(finetuned.to(dtype), term, alpha=parameters.get("scale", 1.0)).to(finetuned.dtype)
-    B, A, _ = fusion_terms(aligned, base, **parameters)
-    return linalg.add_product(finetuned.to(dtype), B, A).to(finetuned.dtype)
+        term, ranks, close = linalg.energy_entropy_lowrank(tau, parameters.get("eta", DEFAULT_ETA), "auto")
+        merged = torch.add(finetuned.to(dtype), term, alpha=parameters.get("scale", 1.0))
+        return merged.to(finetuned.dtype), ranks, close
+    terms = fusion_terms(aligned, base, **parameters)
+    return linalg.add_product(finetuned.to(dtype), terms.B, terms.A).to(finetuned.dtype), terms.ranks, terms.close
+
+
+def warn_close_ranks(name, ranks: Optional[torch.Tensor], close: Optional[torch.Tensor]) -> None:
+    """Warn, naming the tensor, where its automatic rank is within rounding of the rule's
+    boundary: the rule is the paper's and cannot be moved off it, so it is reported."""
+    if close is None or not bool(close.any()):
+        return
+    where = torch.nonzero(close.reshape(-1)).squeeze(-1).tolist()
+    chosen = ranks.reshape(-1)[where].tolist()
+    matrices = "" if close.ndim == 0 else f" (matrices {where[:4]}{' ...' if len(where) > 4 else ''} of the stack)"
+    log.warning(
+        "%s: tensor %s%s: the automatic rank %s is within rounding of the eta rule's boundary: "
+        "another CPU's BLAS path, a GPU or another dtype may choose the next rank",
+        NAME,
+        name,
+        matrices,
+        chosen[0] if len(set(chosen)) == 1 else chosen,
+    )
 
 
 # --------------------------------------------------------------------------- calibrated subspaces in a run
@@ -351,7 +382,7 @@ def lssf_fusion(
             _record(subspace, "calibrated", group.metadata.name)
             if int(_ranks(basis[1], finetuned.shape, eta, rank)) > basis[0].shape[1]:
                 _record(subspace, "clamped", group.metadata.name)
-    merged = fuse(
+    merged, ranks, close = fuse_with_ranks(
         finetuned,
         inputs[ALIGNED],
         inputs["base"],
@@ -362,6 +393,7 @@ def lssf_fusion(
         basis=basis,
         svd=svd,
     )
+    warn_close_ranks(group.metadata.name, ranks, close)
     return owned_result(merged, inputs, NAME, FINETUNED)
 
 

@@ -17,6 +17,7 @@ The contract (formula, defaults, agreement): docs/methods.md section 3.
 
 from __future__ import annotations
 
+import logging
 from typing import Literal, Optional
 
 import torch
@@ -93,6 +94,27 @@ def cosine_accuracy(projection: str = "scaled", svd: str = "auto") -> float:
     return FLOAT32_COSINE_ACCURACY
 
 
+def warn_near_threshold(method: str, name, cos: torch.Tensor, threshold: float, accuracy: float) -> bool:
+    """Warn, naming the tensor, when its cosine lies within ``accuracy`` of the threshold:
+    the decision (project or not, merge or not) is then one that another CPU's BLAS path,
+    a GPU or another dtype may take the other way. A threshold written by
+    ``safelora-select`` lies midway between two cosines, away from both; one written by
+    hand may not. Returns whether it warned (one host synchronisation per tensor)."""
+    value = float(cos)
+    if value != value or abs(value - threshold) > accuracy:  # NaN: nothing decided
+        return False
+    logging.getLogger(__name__).warning(
+        "%s: tensor %s: cosine %.8g is within %.0e (the cosine's accuracy) of the threshold %r: "
+        "another CPU's BLAS path, a GPU or another dtype may decide this tensor the other way",
+        method,
+        name,
+        value,
+        accuracy,
+        threshold,
+    )
+    return True
+
+
 def update_cosine(
     alignment: torch.Tensor,
     update: torch.Tensor,
@@ -151,13 +173,18 @@ def project(
     ``svd`` matters for ``projection: orthogonal`` only (the scaled
     projection needs no decomposition).
     """
+    return project_with_cosine(finetuned, aligned, base, threshold, projection, rank, svd)[0]
+
+
+def project_with_cosine(finetuned, aligned, base, threshold: float, projection: str, rank: int, svd="auto"):
+    """``(project(...), cos)``; cos is None for a 1-D tensor (it passes)."""
     if finetuned.ndim < 2:
-        return finetuned
+        return finetuned, None
     cos, projected, W_a = projection_cosine(finetuned, aligned, base, projection, rank, svd)
     # NaN (dW == 0 or V == 0) compares False: the fine-tuned tensor passes.
     # torch.where keeps the decision on the device (no host synchronisation).
     out = torch.where(cos <= threshold, W_a + projected, finetuned.to(W_a.dtype))
-    return out.to(finetuned.dtype)
+    return out.to(finetuned.dtype), cos
 
 
 @merge_method(
@@ -176,7 +203,11 @@ def safelora_project(
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
     warn_low_precision(NAME, inputs[FINETUNED])
-    merged = project(inputs[FINETUNED], inputs[ALIGNED], inputs["base"], threshold, projection, rank, svd)
+    merged, cos = project_with_cosine(
+        inputs[FINETUNED], inputs[ALIGNED], inputs["base"], threshold, projection, rank, svd
+    )
+    if cos is not None:
+        warn_near_threshold(NAME, group.metadata.name, cos, threshold, cosine_accuracy(projection, svd))
     return owned_result(merged, inputs, NAME, FINETUNED)
 
 

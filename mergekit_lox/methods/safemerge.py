@@ -74,13 +74,18 @@ def merge(
     A NaN cosine (V == 0 or dW == 0: no subspace, or nothing fine-tuned) compares
     False, so W_f passes; the reference's cosine is 0 there (docs/safemerge.md).
     """
+    return merge_with_cosine(finetuned, safety, aligned, base, threshold, safety_weight, projection, rank, svd)[0]
+
+
+def merge_with_cosine(finetuned, safety, aligned, base, threshold, safety_weight, projection, rank, svd):
+    """``(merge(...), cos)``; cos is None for a 1-D tensor (it passes)."""
     if finetuned.ndim < 2:
-        return finetuned
+        return finetuned, None
     cos, _, _ = safelora.projection_cosine(finetuned, aligned, base, projection, rank, svd)
     W_f = finetuned.to(linalg.compute_dtype(finetuned))
     merged = W_f + safety_weight * (safety.to(W_f.dtype) - W_f)
     # torch.where keeps the decision on the device (no host synchronisation).
-    return torch.where(cos < threshold, merged, W_f).to(finetuned.dtype)
+    return torch.where(cos < threshold, merged, W_f).to(finetuned.dtype), cos
 
 
 @merge_method(
@@ -100,7 +105,7 @@ def safemerge(
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
     warn_low_precision(NAME, inputs[FINETUNED])
-    merged = merge(
+    merged, cos = merge_with_cosine(
         inputs[FINETUNED],
         inputs[SAFETY],
         inputs[ALIGNED],
@@ -111,6 +116,9 @@ def safemerge(
         rank,
         svd,
     )
+    if cos is not None:
+        accuracy = safelora.cosine_accuracy(projection, svd)
+        safelora.warn_near_threshold(NAME, group.metadata.name, cos, threshold, accuracy)
     return owned_result(merged, inputs, NAME, FINETUNED)
 
 

@@ -199,13 +199,29 @@ def projection_options(threshold: Optional[float], num_layers: Optional[int], pr
 
 
 def select_modules(
-    modules: Sequence[AdapterModule], threshold: Optional[float], num_layers: Optional[int], what: str
+    modules: Sequence[AdapterModule],
+    threshold: Optional[float],
+    num_layers: Optional[int],
+    what: str,
+    *,
+    accuracy: float = 0.0,
+    warn=None,
 ) -> Tuple[float, List[Scored]]:
     """Mark the modules Safe LoRA projects (``cos <= threshold``, or the ``num_layers``
-    lowest); returns the threshold used and the selected modules, lowest cosine first."""
+    lowest); returns the threshold used and the selected modules, lowest cosine first.
+    ``warn(message)`` names each module whose cosine lies within ``accuracy`` of a given
+    threshold (number mode: select_lowest's warning), whose decision another CPU's BLAS
+    path, a GPU or another dtype may take the other way."""
     scored = [Scored(m.module, m.cos) for m in modules if m.cos is not None]
     if num_layers is not None:
-        threshold, _ = select_lowest(scored, num_layers, what)
+        threshold, _ = select_lowest(scored, num_layers, what, accuracy=accuracy, warn=warn)
+    elif warn is not None:
+        for s in scored:
+            if abs(s.cos - threshold) <= accuracy:
+                warn(
+                    f"warning: {what}: module {s.name}: cosine {s.cos:.8g} is within {accuracy:.0e} (the cosine's "
+                    f"accuracy) of the threshold {threshold!r}: another CPU, GPU or dtype may decide it the other way"
+                )
     selected = sorted((s for s in scored if s.cos <= threshold), key=lambda s: (s.cos, s.name))
     chosen = {s.name for s in selected}
     for m in modules:
@@ -266,7 +282,10 @@ def safelora_adapter(
     modules = adapter_modules(adapter, config, tensors)
     score_adapter_modules(base, aligned, modules, tensors, projection, rank, device, adapter, svd)
 
-    threshold, selected = select_modules(modules, threshold, num_layers, f"adapter {adapter}")
+    accuracy = safelora.cosine_accuracy(projection, svd)
+    threshold, selected = select_modules(
+        modules, threshold, num_layers, f"adapter {adapter}", accuracy=accuracy, warn=echo
+    )
     output = dict(tensors)
     for m in modules:
         if m.projected:

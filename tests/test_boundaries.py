@@ -1,0 +1,113 @@
+"""Issue 23: a decision at a boundary (LSSF's rank cut, Safe LoRA's and SafeMERGE's
+threshold) that rounding may decide is reported, naming the tensor; one away from the
+boundary is not. Each boundary is planted from an independent float64 evaluation."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from mergekit.merge_methods import merge_tensors
+
+from mergekit_lox import linalg
+from mergekit_lox.methods import safelora
+from mergekit_lox.safelora_tools.adapter import select_modules
+
+ROLES = {"role": ["aligned", "finetuned"]}
+
+
+def power_law(m=48, n=80, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))
+    S = torch.arange(1, m + 1, dtype=torch.float64) ** -1.0
+    return ((U * S) @ V.T).float()
+
+
+def entropy_fractions(M: torch.Tensor) -> np.ndarray:
+    """``H_r / H`` for r = 1..n, in float64 from NumPy's SVD of the float32 matrix."""
+    S = np.linalg.svd(M.double().numpy(), compute_uv=False)
+    p = S**2 / np.sum(S**2)
+    h = -p * np.log(p)
+    return np.cumsum(h) / np.sum(h)
+
+
+R = 10  # the planted boundary: between ranks R and R + 1
+
+
+def test_lssf_rank_on_the_rule_boundary_is_flagged_on_every_path():
+    M = power_law()
+    fractions = entropy_fractions(M)
+    on_edge = float(fractions[R - 1])  # H_R = eta H: R or R + 1 by the last bit
+    inside = float((fractions[R - 1] + fractions[R]) / 2)  # half a step from both: R + 1
+    for svd in ("exact", "auto", "randomized"):
+        _, ranks, close = linalg.energy_entropy_top_k(M, inside, svd)
+        assert int(ranks) == R + 1 and not bool(close), svd
+        _, ranks, close = linalg.energy_entropy_top_k(M, on_edge, svd)
+        assert int(ranks) in (R, R + 1) and bool(close), svd
+    _, ranks, close = linalg.energy_entropy_lowrank(M, inside, "auto")
+    assert int(ranks) == R + 1 and not bool(close)
+    assert bool(linalg.energy_entropy_lowrank(M, on_edge, "auto").close)
+    # eta = 1 is full rank by definition: nothing to flag on a full-rank spectrum.
+    _, ranks, close = linalg.energy_entropy_top_k(M, 1.0, "auto")
+    assert int(ranks) == 48 and not bool(close)
+    # A stack: only the matrix on its boundary is flagged.
+    stack = torch.stack([M, power_law(seed=6)])
+    assert linalg.energy_entropy_top_k(stack, on_edge, "exact").close.tolist()[0] is True
+
+
+def test_lssf_kernel_names_the_tensor_whose_rank_rounding_decides(caplog):
+    M = power_law()
+    fractions = entropy_fractions(M)
+    base = torch.zeros_like(M)
+    finetuned = M + 0.1
+    for eta, warned in ((float(fractions[R - 1]), True), (float((fractions[R - 1] + fractions[R]) / 2), False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mergekit_lox"):
+            merge_tensors([base, M, finetuned], "lssf_fusion", base_index=0, parameters={**ROLES, "eta": eta})
+        lines = [r.getMessage() for r in caplog.records if "within rounding" in r.getMessage()]
+        assert len(lines) == int(warned), lines
+        if warned:
+            assert lines[0].startswith("lssf_fusion: tensor")
+            assert f"automatic rank {R} " in lines[0] or f"automatic rank {R + 1} " in lines[0]
+
+
+def cosine_case(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(24, 16, generator=g)
+    aligned = base + 0.3 * torch.randn(24, 16, generator=g)
+    finetuned = aligned + 0.2 * torch.randn(24, 16, generator=g)
+    safety = aligned + 0.1 * torch.randn(24, 16, generator=g)
+    cos64, _, _ = safelora.projection_cosine(finetuned.double(), aligned.double(), base.double())
+    return base, aligned, finetuned, safety, float(cos64)
+
+
+@pytest.mark.parametrize("method", ["safelora_project", "safemerge"])
+def test_a_cosine_within_its_accuracy_of_the_threshold_is_named(method, caplog):
+    base, aligned, finetuned, safety, cos = cosine_case()
+    tensors = [base, aligned, finetuned] + ([safety] if method == "safemerge" else [])
+    roles = {"role": ["aligned", "finetuned"] + (["safety"] if method == "safemerge" else [])}
+    accuracy = safelora.cosine_accuracy("scaled", "auto")
+    # On the float64 cosine (the float32 kernel's is within its accuracy); 30 accuracies away.
+    for threshold, warned in ((cos, True), (cos + 30 * accuracy, False), (cos - 30 * accuracy, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mergekit_lox"):
+            merge_tensors(tensors, method, base_index=0, parameters={**roles, "threshold": threshold})
+        lines = [r.getMessage() for r in caplog.records if "of the threshold" in r.getMessage()]
+        assert len(lines) == int(warned), (threshold, lines)
+        if warned:
+            assert lines[0].startswith(f"{method}: tensor") and "may decide this tensor the other way" in lines[0]
+
+
+def test_safelora_adapter_names_modules_near_a_given_threshold():
+    modules = [SimpleNamespace(module=f"m{i}", cos=c, projected=False) for i, c in enumerate([0.2, 0.5000001, 0.7])]
+    warnings = []
+    threshold, selected = select_modules(modules, 0.5, None, "adapter a", accuracy=1e-5, warn=warnings.append)
+    assert threshold == 0.5 and [s.name for s in selected] == ["m0"]
+    assert len(warnings) == 1 and "module m1" in warnings[0] and warnings[0].startswith("warning: adapter a")
+    warnings.clear()
+    select_modules(modules, 0.45, None, "adapter a", accuracy=1e-5, warn=warnings.append)
+    assert warnings == []
