@@ -747,6 +747,10 @@ def test_check_refuses_repair_placeholders_that_cannot_work(setup, family, attac
     path = staged_sweep_file(setup, family, setup / "placeholders.yml", repair=repair, points=[{}])
     code, out, err = run_cli(["check", path], capsys)
     assert code == 1 and "repair: uses $adapter, but attack 'full' writes no adapter (give it lora: RANK)" in err
+    only_lora = {"lora": ATTACKS["lora"]}
+    path = staged_sweep_file(setup, family, setup / "placeholders.yml", repair=repair, points=[{}], attack=only_lora)
+    code, out, err = run_cli(["check", path], capsys)
+    assert (code, err) == (0, "") and "attacks: lora; repair: safelora_project" in out
     repair["models"][1]["model"] = family.finetuned
     path = staged_sweep_file(setup, family, setup / "placeholders.yml", repair=repair, points=[{}])
     code, out, err = run_cli(["check", path], capsys)

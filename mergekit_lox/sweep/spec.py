@@ -321,10 +321,9 @@ class _Reader:
         repair_label, repair_documents = None, None
         if "repair" in raw:
             stand_in = aligned if aligned is not None else (baseline if isinstance(baseline, str) else None)
-            models = stages.stand_ins(stand_in)
 
             def check_with_models(loaded: List[Any]) -> List[Any]:
-                return stages.substitute(loaded, models) if stand_in is not None else loaded
+                return stages.stand_in_documents(loaded, stand_in)
 
             repair_label, _, repair_documents = self.recipe(raw["repair"], "repair", check_with_models)
             if repair_documents is not None:

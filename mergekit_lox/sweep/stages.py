@@ -65,15 +65,16 @@ def placeholders_used(documents: List[Any]) -> List[str]:
     return [p for p in PLACEHOLDERS if p in found]
 
 
-def substitute(documents: List[Any], models: Dict[str, Optional[str]]) -> List[Any]:
+def substitute(documents: List[Any], models: Dict[str, Optional[str]], adapter_stand_in: str = "") -> List[Any]:
     """A copy of ``documents`` with each placeholder replaced by ``models[placeholder]``;
-    ``models[ADAPTER] = None`` drops ``+$adapter`` (the stand-in `check` validates with)."""
+    ``models[ADAPTER] = None`` replaces ``+$adapter`` by ``adapter_stand_in`` (what `check`
+    validates with: no adapter, but a spelling of its own)."""
     result = copy.deepcopy(documents)
     for text, put in list(_strings(result)):
         if not any(p in text for p in PLACEHOLDERS):
             continue
         if models.get(ADAPTER) is None:
-            text = text.replace("+" + ADAPTER, "")
+            text = text.replace("+" + ADAPTER, adapter_stand_in)
         for placeholder, model in models.items():
             if model is not None:
                 text = text.replace(placeholder, model)
@@ -81,15 +82,18 @@ def substitute(documents: List[Any], models: Dict[str, Optional[str]]) -> List[A
     return result
 
 
-def stand_ins(model: Optional[str]) -> Dict[str, Optional[str]]:
+def stand_in_documents(documents: List[Any], model: Optional[str]) -> List[Any]:
     """What `check` validates the repair recipe with: the undefended model (same architecture
-    as the defended and attacked ones) under a different spelling per placeholder, so that
-    mergekit sees distinct inputs ("MODEL/." for a folder, "MODEL@REVISION" for a hub id)."""
+    as the defended and attacked ones) in place of each placeholder, spelled differently
+    for each, so that mergekit sees distinct inputs ("MODEL/.", "MODEL/./." for a folder,
+    "MODEL@REVISION" for a hub id); ``X+$adapter`` becomes X spelled once more."""
     if model is None:
-        return {DEFENDED: None, ATTACKED: None, ADAPTER: None}
+        return documents
     if os.path.isdir(model):
-        return {DEFENDED: os.path.join(model, "."), ATTACKED: os.path.join(model, ".", "."), ADAPTER: None}
-    return {DEFENDED: f"{model}@defended", ATTACKED: f"{model}@attacked", ADAPTER: None}
+        models = {DEFENDED: os.path.join(model, "."), ATTACKED: os.path.join(model, ".", "."), ADAPTER: None}
+        return substitute(documents, models, adapter_stand_in="/./././.")
+    models = {DEFENDED: f"{model}@defended", ATTACKED: f"{model}@attacked", ADAPTER: None}
+    return substitute(documents, models, adapter_stand_in="-adapter")
 
 
 def placeholder_problems(documents: List[Any], attacks: Dict[str, Dict[str, Any]]) -> List[str]:
