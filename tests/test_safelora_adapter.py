@@ -236,3 +236,36 @@ def test_adapter_errors_name_the_problem(family, lora_adapter, tmp_path, capsys)
         )
     assert exit_.value.code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: adapter {tmp_path / 'nope'} is not a directory"
+
+
+def test_links_out_of_the_adapter_folder_are_not_copied(family, lora_adapter, tmp_path, capsys):
+    """Issue 23: safelora-adapter copied the targets of symlinks in the input adapter folder
+    into the output, so a linked token file would be published with the adapter. A link
+    inside the folder (and a Hugging Face cache snapshot's links to its blobs) is copied as
+    the file it names."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_adapter, adapter)
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+    os.symlink(secret, adapter / "token.txt")
+    shutil.copy(adapter / "adapter_config.json", adapter / "notes.md")
+    os.symlink("notes.md", adapter / "LINKED.md")  # inside the folder: fine
+    safelora_adapter(family.base, family.aligned, str(adapter), str(tmp_path / "out"), echo=lambda s: None)
+    out = tmp_path / "out"
+    assert not (out / "token.txt").exists() and "hf_secret" not in "".join(p.read_text() for p in out.glob("*.md"))
+    assert (out / "LINKED.md").is_file() and not (out / "LINKED.md").is_symlink()
+    assert "token.txt is a link to a file outside the adapter folder: not copied" in capsys.readouterr().err
+
+
+def test_a_hub_cache_snapshot_counts_as_one_folder(tmp_path):
+    from mergekit_lox.files.output import link_leaves
+
+    repo = tmp_path / "hub" / "models--me--adapter"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_text("{}")
+    snapshot = repo / "snapshots" / "0123"
+    snapshot.mkdir(parents=True)
+    os.symlink("../../blobs/abc", snapshot / "adapter_config.json")
+    os.symlink(tmp_path / "elsewhere", snapshot / "token")
+    assert not link_leaves(str(snapshot / "adapter_config.json"), str(snapshot))
+    assert link_leaves(str(snapshot / "token"), str(snapshot))

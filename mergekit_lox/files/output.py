@@ -51,6 +51,38 @@ def spreadsheet_text(text: str) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
+def link_leaves(path: str, folder: str) -> bool:
+    """True when ``path`` (a file in ``folder``) is a symlink whose target lies outside
+    ``folder``. A Hugging Face cache snapshot (``<repo>/snapshots/<rev>/``) links every file
+    to ``<repo>/blobs/``: that repository folder counts as inside."""
+    if not os.path.islink(path):
+        return False
+    root = _resolved(folder)
+    parent = os.path.dirname(root)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith(
+        ("models--", "datasets--")
+    ):
+        root = os.path.dirname(parent)
+    return not is_within(path, root)
+
+
+def copy_plain_files(source: str, destination: str, skip: Iterable[str] = ()) -> list:
+    """Copy the regular files at the top of ``source`` into ``destination`` (not ``skip``);
+    returns the names not copied because they are links out of ``source`` (a token file
+    linked into an adapter folder must not be published with the adapter)."""
+    refused = []
+    skip = set(skip)
+    for entry in sorted(os.listdir(source)):
+        path = os.path.join(source, entry)
+        if entry in skip or not os.path.isfile(path):
+            continue
+        if link_leaves(path, source):
+            refused.append(entry)
+            continue
+        shutil.copyfile(path, os.path.join(destination, entry))  # the content, never a link
+    return refused
+
+
 def name_problem(name: str) -> Optional[str]:
     """Why ``name`` cannot be one folder's name inside a folder the tool writes (a chain
     stage's ``name:``, a sweep point): None when it can. An absolute path, ``..``, a

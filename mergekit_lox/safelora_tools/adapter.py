@@ -6,7 +6,7 @@ import functools
 import json
 import math
 import os
-import shutil
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -233,16 +233,17 @@ def write_adapter(adapter: str, out: str, tensors: Dict[str, torch.Tensor], meta
     """Write the projected adapter completely into a staging folder, then move it to ``out``."""
     from safetensors.torch import save_file
 
-    from mergekit_lox.files.output import staged_output
+    from mergekit_lox.files.output import copy_plain_files, staged_output
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise SafeLoRAToolError(f"output {out} already exists and is not an empty directory")
     with staged_output(out) as staging:
         os.makedirs(staging)
-        for entry in os.listdir(adapter):
-            source = os.path.join(adapter, entry)
-            if entry != ADAPTER_WEIGHTS and os.path.isfile(source):
-                shutil.copy2(source, os.path.join(staging, entry))
+        for name in copy_plain_files(adapter, staging, skip=(ADAPTER_WEIGHTS,)):
+            print(
+                f"warning: {os.path.join(adapter, name)} is a link to a file outside the adapter folder: not copied",
+                file=sys.stderr,
+            )
         save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS), metadata=metadata)
         with open(os.path.join(staging, ADAPTER_REPORT), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, allow_nan=False)  # undefined cosines are null already
