@@ -49,16 +49,12 @@ def _target_path(reference, lora_merge_cache: Optional[str]) -> str:
 
 def _guard_output(chosen: AdapterRecipe, out: str, lora_merge_cache: str) -> None:
     from mergekit_lox.adapters.files import refuse_to_replace
-    from mergekit_lox.files.output import OutputError, refuse_inside_inputs
+    from mergekit_lox.files.output import OutputError, config_input_dirs, refuse_inside_inputs
 
-    inputs = [
-        part.path
-        for reference in chosen.config.referenced_models()
-        for part in (reference.model, reference.lora)
-        if part is not None and os.path.isdir(part.path)
-    ]
+    inputs = [*config_input_dirs(chosen.config), *chosen.stages.values()]
     try:
-        refuse_inside_inputs(out, [*inputs, *chosen.stages.values()])
+        refuse_inside_inputs(out, inputs)
+        refuse_inside_inputs(lora_merge_cache, inputs)  # merged copies are written there
         if os.path.isdir(lora_merge_cache):
             refuse_inside_inputs(out, [lora_merge_cache])
     except OutputError as error:

@@ -118,10 +118,28 @@ def local_model_dirs(recipe_documents: Iterable[dict]) -> list[str]:
             config = MergeConfiguration.model_validate(document)
         except Exception:  # noqa: BLE001 - schema errors are reported elsewhere
             continue
-        for reference in config.referenced_models():
-            for part in (reference.model, reference.lora):
-                if part is not None and os.path.isdir(part.path):
-                    dirs.append(_resolved(part.path))
+        dirs.extend(config_input_dirs(config))
+    return dirs
+
+
+def config_input_dirs(config) -> list[str]:
+    """Local directories one ``MergeConfiguration`` reads: its models and LoRA adapters,
+    and the tokenizer donors (``tokenizer_source``, ``tokenizer.source``, a token's
+    ``source`` model), which mergekit reads too and so must never be written into."""
+    from mergekit.common import ModelReference
+
+    references = list(config.referenced_models())
+    donors = [config.tokenizer_source]
+    if config.tokenizer is not None:
+        donors.append(config.tokenizer.source)
+        for token in (config.tokenizer.tokens or {}).values():
+            donors.extend([token.source, getattr(token.source, "model", None)])
+    references += [d for d in donors if isinstance(d, ModelReference)]
+    dirs = []
+    for reference in references:
+        for part in (reference.model, reference.lora):
+            if part is not None and os.path.isdir(part.path) and _resolved(part.path) not in dirs:
+                dirs.append(_resolved(part.path))
     return dirs
 
 

@@ -74,14 +74,14 @@ def select_lowest(
     return threshold, selected
 
 
-def refuse_inside(out: str, inputs: Sequence[Tuple[str, str]]) -> None:
+def refuse_inside(out: str, inputs: Sequence[Tuple[str, str]], option: str = "output") -> None:
     """Never write into an input model's (or adapter's) directory: (label, path) pairs."""
     from mergekit_lox.files.output import input_holding
 
     holding = input_holding(out, inputs)
     if holding:
         label, path = holding
-        raise SafeLoRAToolError(f"output {out} is inside the {label} directory {path}; choose another path")
+        raise SafeLoRAToolError(f"{option} {out} is inside the {label} directory {path}; choose another path")
 
 
 def echo_selection(selected: Sequence[Scored], num_layers: int, what: str, echo) -> None:

@@ -141,13 +141,10 @@ def refuse_to_overwrite(recipe: str, out: str) -> None:
 
 
 def recipe_inputs(recipe: str) -> List[Tuple[str, str]]:
-    """Local directories a recipe reads (models and LoRA adapters), labelled."""
-    document = read_recipe(recipe)
-    models = document.get("models")
-    refs = [document.get("base_model")] + [
-        m.get("model") for m in (models if isinstance(models, list) else []) if isinstance(m, dict)
-    ]
-    return [("input model", part) for ref in refs for part in str(ref or "").split("+") if part and os.path.isdir(part)]
+    """Local directories a recipe reads (models, LoRA adapters, tokenizer donors), labelled."""
+    from mergekit_lox.files.output import local_model_dirs
+
+    return [("input model", path) for path in local_model_dirs([read_recipe(recipe)])]
 
 
 def safelora_select(
@@ -161,10 +158,12 @@ def safelora_select(
 ) -> Tuple[float, List[Scored]]:
     """Number mode: write ``out`` = ``recipe`` with a threshold between the N-th lowest
     cosine and the next (``select_lowest``)."""
-    refuse_inside(out, recipe_inputs(recipe))
+    inputs = recipe_inputs(recipe)
+    refuse_inside(out, inputs)
     refuse_to_overwrite(recipe, out)
     if lora_merge_cache is None:
         lora_merge_cache = default_lora_merge_cache(out)
+    refuse_inside(lora_merge_cache, inputs, option="--lora-merge-cache")  # merged copies are written there
     scores = recipe_cosines(recipe, lora_merge_cache=lora_merge_cache, device=device)
     accuracy = recipe_cosine_accuracy(read_recipe(recipe))
     threshold, selected = select_lowest(scores, num_layers, f"recipe {recipe}", accuracy=accuracy, warn=echo)
