@@ -584,3 +584,29 @@ def test_eval_and_analyze_never_overwrite_a_report_they_did_not_write(models, pr
             ["eval", models[0], "--safety", prompts_file, "-o", ours, "--max-new-tokens", "2"], capsys
         )
         assert code == 0, err
+
+
+def test_answer_cache_keys_a_hub_model_by_revision_and_tokenizer_files(models, tmp_path, monkeypatch):
+    """Issue 23: a hub id was keyed before download and without its revision, and tokenizer
+    files were in no fingerprint: cached answers of another revision or tokenizer were reused."""
+    from huggingface_hub import constants
+
+    from mergekit_lox.data.generation import ModelLoadError
+    from mergekit_lox.evaluate.answers import model_fingerprint
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    repo = cache / "models--me--tiny"
+    for revision in ("a" * 40, "b" * 40):
+        shutil.copytree(models[0], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = model_fingerprint("me/tiny")
+    (repo / "refs" / "main").write_text("b" * 40)  # the same files, another commit
+    assert model_fingerprint("me/tiny") != first
+    with pytest.raises(ModelLoadError, match="me/other: not in the Hugging Face cache"):
+        model_fingerprint("me/other")
+    local = shutil.copytree(models[0], tmp_path / "local")
+    before = model_fingerprint(str(local))
+    (local / "vocab.txt").write_text("a\nb\n")  # a tokenizer file outside the fixed list
+    assert model_fingerprint(str(local)) != before

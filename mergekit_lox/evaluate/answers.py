@@ -33,6 +33,8 @@ CONTENT_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# Tokenizer files besides those: what a prompt is encoded with decides the answer too.
+TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "added_tokens.json", "*.model", "*.tiktoken")
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -69,13 +71,26 @@ def _snapshot_dir(model_id: str) -> Optional[str]:
 
 
 def model_fingerprint(path: str) -> str:
-    """A hex digest of what the model's answers depend on (see the module doc)."""
+    """A hex digest of what the model's answers depend on (see the module doc): its
+    config, tokenizer and chat-template files by content, its weight files by name, size
+    and time; for a hub id, the snapshot it resolves to in the cache, commit hash included
+    (``check_model`` has fetched its config first), so that another revision of the same id
+    is another model, and an id never stands for whatever it resolves to later."""
     digest = hashlib.sha256()
     directory = path if os.path.isdir(path) else _snapshot_dir(path)
     if directory is None:
-        digest.update(f"hub-id:{path}".encode())
-        return digest.hexdigest()
-    for name in CONTENT_FILES:
+        raise ModelLoadError(
+            f"model {path}: not in the Hugging Face cache after fetching its config, so its revision is unknown "
+            "and its cached answers could not be told from another revision's; download it first "
+            "(huggingface-cli download) or give a local folder"
+        )
+    if not os.path.isdir(path):
+        digest.update(f"hub:{path}@{os.path.basename(directory)}\0".encode())  # snapshots/<commit hash>
+    names = set(CONTENT_FILES)
+    names |= {
+        os.path.basename(f) for pattern in TOKENIZER_PATTERNS for f in glob.glob(os.path.join(directory, pattern))
+    }
+    for name in sorted(names):
         file = os.path.join(directory, name)
         if os.path.isfile(file):
             digest.update(name.encode() + b"\0")
