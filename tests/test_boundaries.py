@@ -75,6 +75,49 @@ def test_lssf_kernel_names_the_tensor_whose_rank_rounding_decides(caplog):
             assert f"automatic rank {R} " in lines[0] or f"automatic rank {R + 1} " in lines[0]
 
 
+def planted(S, m=40, n=56, seed=9, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, len(S), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, len(S), generator=g, dtype=torch.float64))
+    return ((U * torch.tensor(S, dtype=torch.float64)) @ V.T).to(dtype)
+
+
+TIED = [5.0, 4.0, 3.0, 3.0, 2.0, 1.0, 0.5]  # s_3 == s_4: no rank-3 term is the rank-3 term
+GAP = [5.0, 4.0, 3.0, 1.5, 1.0, 0.5, 0.25]
+
+
+def test_a_fixed_rank_on_a_tie_is_flagged_on_every_path_and_named_by_the_kernels(caplog):
+    tolerance = linalg.RANDOMIZED.tolerance
+    for svd in ("exact", "auto", "randomized"):
+        # float64: every path ends at LAPACK, which cannot separate the pair.
+        assert bool(linalg.guarded_top_k(planted(TIED, dtype=torch.float64), 3, svd).tied), svd
+        # float32: LAPACK's float32 SVD flags it; the float64 Gram path may resolve the
+        # float32 input's own tiny gap, and then proves its term (bound <= tolerance).
+        guarded = linalg.guarded_top_k(planted(TIED), 3, svd)
+        assert bool(guarded.tied) or float(guarded.bound) <= tolerance, svd
+        assert not bool(linalg.guarded_top_k(planted(GAP), 3, svd).tied), svd
+        # A tie among directions below the Agreement's share of the term is not flagged.
+        assert not bool(linalg.guarded_top_k(planted([5.0, 4.0, 1e-5, 1e-5]), 3, svd).tied), svd
+    assert bool(linalg.guarded_top_k(planted(TIED), 3, "exact").tied)
+    stack = torch.stack([planted(GAP), planted(TIED)])
+    assert linalg.guarded_top_k(stack, 3, "exact").tied.tolist() == [False, True]
+    for S, warned in ((TIED, True), (GAP, False)):
+        aligned = planted(S)
+        base = torch.zeros_like(aligned)
+        cases = [
+            ([base, aligned], "lox_extrapolate", {"rank": 3, "svd": "exact"}),
+            ([base, aligned, aligned + 0.1], "lssf_fusion", {**ROLES, "rank": 3, "svd": "exact"}),
+        ]
+        for tensors, method, parameters in cases:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="mergekit_lox"):
+                merge_tensors(tensors, method, base_index=0, parameters=parameters)
+            lines = [r.getMessage() for r in caplog.records if "tie within rounding" in r.getMessage()]
+            assert len(lines) == int(warned), (method, lines)
+            if warned:
+                assert lines[0].startswith(f"{method}: tensor") and "values 3 and 4" in lines[0]
+
+
 def cosine_case(seed=3):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(24, 16, generator=g)

@@ -42,6 +42,11 @@ import torch
 
 ROUNDING_RESIDUAL = 16.0
 ROUNDING_PROBE = 4.0
+# Half-width of the interval around each singular value from LAPACK's SVD, in units of
+# u |M|_F: 4 times the largest error measured against float64 (4 u |M|_F on noise,
+# power-law and low-rank-plus-noise spectra, 256 x 768 to 1024 x 1024, with MKL's default
+# and MKL_CBWR=COMPATIBLE paths).
+ROUNDING_SVD = 16.0
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -83,6 +88,23 @@ def error_bound(
     sines = (s_hat * residual_t + s_k * residual) / safe_gap
     bound = sines * (1 + s_hat / torch.where(top_norm > 0, top_norm, 1.0))
     return torch.where(shown, bound, torch.inf), shown
+
+
+def tied_at_rank(S: torch.Tensor, ranks: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Where the rank-k term of a matrix is not determined by its computed spectrum
+    ``S [..., n]`` (every value, descending, from LAPACK's SVD): ``s_k - s_{k+1}`` within
+    ``2 ROUNDING_SVD u |M|_F``, so another BLAS path or device may turn the top-k subspace
+    within the pair, and ``s_k > tolerance |s_{1..k}|``, so that the turn moves the term
+    by more than the Agreement (a tie among values that small does not)."""
+    width = S.shape[-1]
+    if width < 2:
+        return torch.zeros(S.shape[:-1], dtype=torch.bool, device=S.device)
+    k = ranks.to(S.device).clamp(1, width - 1).unsqueeze(-1)
+    s_k, s_next = S.gather(-1, k - 1).squeeze(-1), S.gather(-1, k).squeeze(-1)
+    norm = torch.linalg.vector_norm(S, dim=-1)
+    head = torch.cumsum(S.square(), dim=-1).gather(-1, k - 1).squeeze(-1).sqrt()
+    delta = ROUNDING_SVD * unit_roundoff(S.dtype) * norm
+    return (s_k - s_next <= 2 * delta) & (s_k > tolerance * head) & (ranks.to(S.device) < width)
 
 
 def iterations_needed(bound: torch.Tensor, ratio: torch.Tensor, tolerance: float) -> torch.Tensor:

@@ -33,12 +33,16 @@ class GuardedTopK(NamedTuple):
 
     ``randomized`` is True where the sketched factors passed the certificate;
     ``bound`` is the certified bound on the relative Frobenius error of the
-    low-rank term there (0 where the factors are exact).
+    low-rank term there (0 where the factors are exact). ``tied``: True where the
+    factors are LAPACK's and ``s_k`` ties ``s_{k+1}`` within rounding
+    (``certificate.tied_at_rank``), so that the rank-k term is not determined:
+    another BLAS path or device may return another one.
     """
 
     factors: Decomposition
     randomized: torch.Tensor
     bound: torch.Tensor
+    tied: torch.Tensor
 
 
 class _Ritz(NamedTuple):
@@ -233,13 +237,14 @@ def guarded_top_k(
     passed = (hopeful & (bound <= settings.tolerance)) | zero
     bound = torch.where(zero, 0.0, bound)
     factors = ritz.factors
+    tied = torch.zeros_like(passed)
     n_passed = int(passed.sum())
     _count("randomized", n_passed)
     if n_passed < matrices:
         _count("fallback", matrices - n_passed)
-        factors, redone_bound = _exact_where_failed(matrix, factors, passed, ranks, k_max, svd, settings)
+        factors, redone_bound, tied = _exact_where_failed(matrix, factors, passed, ranks, k_max, svd, settings)
         bound = torch.where(passed, bound, redone_bound)
-    return GuardedTopK(factors, passed, bound)
+    return GuardedTopK(factors, passed, bound, tied)
 
 
 def _may_show_a_gap(values: torch.Tensor, ranks: torch.Tensor, settings: RandomizedSettings) -> bool:
@@ -259,7 +264,9 @@ def _exact_top_k(
     the tolerance; LAPACK's SVD for the rest (and for ``svd: exact``)."""
     zeros = torch.zeros(matrix.shape[:-2], device=matrix.device, dtype=matrix.dtype)
     if svd == "exact" or not gram.applies(matrix):
-        return GuardedTopK(exact.svd(matrix).leading(k_max), zeros.bool(), zeros)
+        full = exact.svd(matrix)
+        tied = certificate.tied_at_rank(full.S, ranks, settings.tolerance)
+        return GuardedTopK(full.leading(k_max), zeros.bool(), zeros, tied)
     # The bound at rank k reads λ_1..λ_{k+1} and the trace: the top k_max + 1 pairs suffice.
     spectrum = gram.spectrum(matrix, top=k_max + 1)
     bound = gram.term_bound(spectrum, ranks)
@@ -267,10 +274,15 @@ def _exact_top_k(
     factors = gram.factors(matrix, spectrum, k_max)
     n_passed = int(passed.sum())
     _count("gram", n_passed)
+    tied = torch.zeros_like(passed)
     if n_passed < passed.numel():
         failed = _indices(~passed)
-        factors = _replace(factors, failed, exact.svd(_matrices(matrix, failed)).leading(k_max))
-    return GuardedTopK(factors, zeros.bool(), torch.where(passed, bound, 0.0).to(matrix.dtype))
+        full = exact.svd(_matrices(matrix, failed))
+        factors = _replace(factors, failed, full.leading(k_max))
+        flat = tied.reshape(-1).clone()
+        flat[failed] = certificate.tied_at_rank(full.S, ranks.reshape(-1)[failed], settings.tolerance)
+        tied = flat.reshape(passed.shape)
+    return GuardedTopK(factors, zeros.bool(), torch.where(passed, bound, 0.0).to(matrix.dtype), tied)
 
 
 def _exact_where_failed(
@@ -283,15 +295,17 @@ def _exact_where_failed(
     settings: RandomizedSettings,
 ):
     """Replace the factors of the matrices that failed the certificate by ``_exact_top_k``'s;
-    returns them and the bound of each redone matrix (0 where LAPACK's)."""
+    returns them, the bound of each redone matrix (0 where LAPACK's) and ``tied``."""
     if not bool(passed.any()):
         redone = _exact_top_k(matrix, ranks, k_max, svd, settings)
-        return redone.factors, redone.bound
+        return redone.factors, redone.bound, redone.tied
     failed = _indices(~passed)
     redone = _exact_top_k(_matrices(matrix, failed), ranks.reshape(-1)[failed], k_max, svd, settings)
     bound = torch.zeros(passed.numel(), device=matrix.device, dtype=matrix.dtype)
     bound[failed] = redone.bound
-    return _replace(factors, failed, redone.factors), bound.reshape(passed.shape)
+    tied = torch.zeros(passed.numel(), device=matrix.device, dtype=torch.bool)
+    tied[failed] = redone.tied
+    return _replace(factors, failed, redone.factors), bound.reshape(passed.shape), tied.reshape(passed.shape)
 
 
 def _indices(where: torch.Tensor) -> torch.Tensor:

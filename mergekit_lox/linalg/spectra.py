@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from mergekit_lox.linalg import exact, gram
-from mergekit_lox.linalg.certificate import unit_roundoff
+from mergekit_lox.linalg.certificate import ROUNDING_SVD, unit_roundoff
 from mergekit_lox.linalg.exact import Decomposition, full_rank_of, lowrank_per_matrix, nonzero_mask
 from mergekit_lox.linalg.modes import RANDOMIZED, RandomizedSettings, SvdMode, _count, check_svd_mode, uses_randomized
 from mergekit_lox.linalg.randomized import guarded_top_k
@@ -32,11 +32,6 @@ _CEIL_TOLERANCE = 1e-6
 # Half-width of the interval around each Gram eigenvalue, in units of
 # u sqrt(max(m, n)) |M|_F²: 10 times the largest error measured (docs/performance.md).
 ROUNDING_GRAM = 2.0
-# Half-width of the interval around each singular value from LAPACK's float32 SVD, in
-# units of u |M|_F: 4 times the largest error measured against float64 (4 u |M|_F on
-# noise, power-law and low-rank-plus-noise spectra, 256 x 768 to 1024 x 1024, with MKL's
-# default and MKL_CBWR=COMPATIBLE paths).
-ROUNDING_SVD = 16.0
 
 
 def singular_value_entropy(S: torch.Tensor, shape) -> torch.Tensor:

@@ -265,3 +265,29 @@ def warn_low_precision(method: str, tensor: torch.Tensor) -> None:
         method,
         str(tensor.dtype).removeprefix("torch."),
     )
+
+
+# --------------------------------------------------------------------------- ties at a fixed rank
+
+
+def warn_tied_rank(method: str, name, tied: Optional[torch.Tensor], rank: int) -> None:
+    """Warn, naming the tensor, where ``s_k`` ties ``s_{k+1}`` within rounding at a fixed
+    ``rank`` (linalg.GuardedTopK.tied): the rank-k term is then not determined, and
+    another CPU's BLAS path, a GPU or another dtype may add another one."""
+    if tied is None or not bool(tied.any()):
+        return
+    import logging
+
+    where = torch.nonzero(tied.reshape(-1)).squeeze(-1).tolist()
+    matrices = "" if tied.ndim == 0 else f" (matrices {where[:4]}{' ...' if len(where) > 4 else ''} of the stack)"
+    logging.getLogger("mergekit_lox").warning(
+        "%s: tensor %s%s: singular values %d and %d of the safety vector tie within rounding, so its rank-%d "
+        "term is not determined: another CPU's BLAS path, a GPU or another dtype may add another one; "
+        "choose a rank where the spectrum has a gap (`mergekit-lox analyze`)",
+        method,
+        name,
+        matrices,
+        rank,
+        rank + 1,
+        rank,
+    )

@@ -25,7 +25,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import FiniteFloat, NonNegativeInt
 
 from mergekit_lox import linalg
-from mergekit_lox.methods.inputs import ALIGNED, RoleRequirement, owned_result, role_tensors
+from mergekit_lox.methods.inputs import ALIGNED, RoleRequirement, owned_result, role_tensors, warn_tied_rank
 from mergekit_lox.methods.registration import register_method
 
 NAME = "lox_extrapolate"
@@ -45,13 +45,25 @@ def extrapolate(
 
     ``svd`` picks how the top-``rank`` subspace is found (linalg.SVD_MODES).
     """
+    return extrapolate_with_ties(aligned, base, alpha, rank, svd)[0]
+
+
+def extrapolate_with_ties(aligned, base, alpha: float, rank: int, svd: linalg.SvdMode = "auto"):
+    """``(extrapolate(...), tied)``: ``tied`` (linalg.GuardedTopK.tied) where ``s_k`` ties
+    ``s_{k+1}`` within rounding, so the rank-k term is not determined; None where nothing
+    is truncated. One fused product adds the term (as linalg.add_lowrank)."""
+    linalg.check_svd_mode(svd)
     if aligned.ndim < 2:
-        return aligned
+        return aligned, None
     dtype = linalg.compute_dtype(aligned)
     W_a = aligned.to(dtype)
     safety_vector = W_a - base.to(dtype)
-    out = linalg.add_lowrank(W_a, safety_vector, rank, alpha, svd)
-    return out.to(aligned.dtype)
+    if not linalg.truncates(safety_vector, rank):
+        return torch.add(W_a, safety_vector, alpha=alpha).to(aligned.dtype), None
+    guarded = linalg.guarded_top_k(safety_vector, rank, svd)
+    U, S, Vh = guarded.factors
+    out = linalg.add_product(W_a, U * S.unsqueeze(-2), Vh, alpha=alpha)
+    return out.to(aligned.dtype), guarded.tied
 
 
 def lox_factors(
@@ -95,7 +107,9 @@ def lox_extrapolate(
     role: PerNonBase[Optional[str]] = None,
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
-    return owned_result(extrapolate(inputs[ALIGNED], inputs["base"], alpha, rank, svd), inputs, NAME, ALIGNED)
+    merged, tied = extrapolate_with_ties(inputs[ALIGNED], inputs["base"], alpha, rank, svd)
+    warn_tied_rank(NAME, group.metadata.name, tied, rank)
+    return owned_result(merged, inputs, NAME, ALIGNED)
 
 
 METHOD = lox_extrapolate

@@ -48,6 +48,7 @@ from mergekit_lox.methods.inputs import (
     owned_result,
     role_tensors,
     warn_low_precision,
+    warn_tied_rank,
 )
 from mergekit_lox.methods.registration import register_method
 
@@ -81,9 +82,9 @@ class FusionFactors(NamedTuple):
     with the columns of B and rows of A past a matrix's own rank exactly zero;
     ``ranks [...]`` says each matrix's rank. Both float32 (float64 for float64 input).
     ``close [...]``: True where the automatic rank is within rounding of the rule's
-    boundary (linalg.EntropyTopK), so another BLAS path or device may choose another;
-    False for a fixed rank and a calibrated subspace (its stored values decide alike
-    everywhere).
+    boundary (linalg.EntropyTopK), so another BLAS path or device may choose another,
+    or where a fixed rank's ``s_k`` ties ``s_{k+1}`` (linalg.GuardedTopK.tied); False
+    for a calibrated subspace (its stored values decide alike everywhere).
     """
 
     B: torch.Tensor
@@ -140,9 +141,9 @@ def _data_free_factors(tau: torch.Tensor, scale: float, eta: float, rank: int, t
     then the top-r triplets by the certified path (else one exact SVD)."""
     if rank > 0:
         width = min(rank, linalg.full_rank_of(tau))
-        U, S, Vh = linalg.guarded_top_k(tau, width, svd).factors
+        guarded = linalg.guarded_top_k(tau, width, svd)
+        (U, S, Vh), close = guarded.factors, guarded.tied
         ranks = torch.full(tau.shape[:-2], width, dtype=torch.int64, device=tau.device)
-        close = torch.zeros_like(ranks, dtype=torch.bool)
     else:
         (U, S, Vh), ranks, close = linalg.energy_entropy_top_k(tau, eta, svd)
         width = _largest(ranks)
@@ -393,7 +394,10 @@ def lssf_fusion(
         basis=basis,
         svd=svd,
     )
-    warn_close_ranks(group.metadata.name, ranks, close)
+    if rank > 0:
+        warn_tied_rank(NAME, group.metadata.name, close, rank)
+    else:
+        warn_close_ranks(group.metadata.name, ranks, close)
     return owned_result(merged, inputs, NAME, FINETUNED)
 
 
