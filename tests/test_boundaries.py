@@ -101,12 +101,16 @@ def test_a_fixed_rank_on_a_tie_is_flagged_on_every_path_and_named_by_the_kernels
     assert bool(linalg.guarded_top_k(planted(TIED), 3, "exact").tied)
     stack = torch.stack([planted(GAP), planted(TIED)])
     assert linalg.guarded_top_k(stack, 3, "exact").tied.tolist() == [False, True]
+    orthogonal = {"rank": 3, "svd": "exact", "projection": "orthogonal", "threshold": -0.5}
+    safemerge_roles = ["aligned", "finetuned", "safety"]
     for S, warned in ((TIED, True), (GAP, False)):
         aligned = planted(S)
         base = torch.zeros_like(aligned)
         cases = [
             ([base, aligned], "lox_extrapolate", {"rank": 3, "svd": "exact"}),
             ([base, aligned, aligned + 0.1], "lssf_fusion", {**ROLES, "rank": 3, "svd": "exact"}),
+            ([base, aligned, aligned + 0.1], "safelora_project", {**ROLES, **orthogonal}),
+            ([base, aligned, aligned + 0.1, aligned + 0.2], "safemerge", {"role": safemerge_roles, **orthogonal}),
         ]
         for tensors, method, parameters in cases:
             caplog.clear()

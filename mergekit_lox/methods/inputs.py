@@ -272,8 +272,9 @@ def warn_low_precision(method: str, tensor: torch.Tensor) -> None:
 
 def warn_tied_rank(method: str, name, tied: Optional[torch.Tensor], rank: int) -> None:
     """Warn, naming the tensor, where ``s_k`` ties ``s_{k+1}`` within rounding at a fixed
-    ``rank`` (linalg.GuardedTopK.tied): the rank-k term is then not determined, and
-    another CPU's BLAS path, a GPU or another dtype may add another one."""
+    ``rank`` (linalg.GuardedTopK.tied): the top-k subspace (LoX's and LSSF's term, Safe
+    LoRA's and SafeMERGE's orthogonal projection) is then not determined, and another
+    CPU's BLAS path, a GPU or another dtype may use another one."""
     if tied is None or not bool(tied.any()):
         return
     import logging
@@ -281,8 +282,8 @@ def warn_tied_rank(method: str, name, tied: Optional[torch.Tensor], rank: int) -
     where = torch.nonzero(tied.reshape(-1)).squeeze(-1).tolist()
     matrices = "" if tied.ndim == 0 else f" (matrices {where[:4]}{' ...' if len(where) > 4 else ''} of the stack)"
     logging.getLogger("mergekit_lox").warning(
-        "%s: tensor %s%s: singular values %d and %d of the safety vector tie within rounding, so its rank-%d "
-        "term is not determined: another CPU's BLAS path, a GPU or another dtype may add another one; "
+        "%s: tensor %s%s: singular values %d and %d of the safety vector tie within rounding, so its top-%d "
+        "subspace is not determined: another CPU's BLAS path, a GPU or another dtype may use another one; "
         "choose a rank where the spectrum has a gap (`mergekit-lox analyze`)",
         method,
         name,

@@ -38,6 +38,7 @@ from mergekit_lox.methods.inputs import (
     owned_result,
     role_tensors,
     warn_low_precision,
+    warn_tied_rank,
 )
 from mergekit_lox.methods.registration import register_method
 
@@ -55,11 +56,18 @@ def orthogonal_basis(alignment: torch.Tensor, rank: int, svd: linalg.SvdMode = "
     an arbitrary basis of V's null space, which differs between devices and
     libraries and would project dW onto directions V does not contain.
     """
+    return orthogonal_factors(alignment, rank, svd)[0]
+
+
+def orthogonal_factors(alignment: torch.Tensor, rank: int, svd: linalg.SvdMode = "auto"):
+    """``(orthogonal_basis(...), tied)``: ``tied`` (linalg.GuardedTopK.tied) where ``s_k``
+    of V ties ``s_{k+1}`` within rounding, so that the basis is not determined."""
     k = min(rank, linalg.full_rank_of(alignment))
-    factors = linalg.top_k(alignment, k, svd)
+    guarded = linalg.guarded_top_k(alignment, k, svd)
+    factors = guarded.factors
     # The cutoff is relative to S[0], so the top-k values alone decide it.
     keep = linalg.nonzero_mask(factors.S, alignment.shape)
-    return factors.U * keep.unsqueeze(-2).to(factors.U.dtype)
+    return factors.U * keep.unsqueeze(-2).to(factors.U.dtype), guarded.tied
 
 
 def project_update(
@@ -68,15 +76,17 @@ def project_update(
     projection: str,
     rank: int,
     svd: linalg.SvdMode = "auto",
+    basis: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``C dW`` without ever forming an out x out matrix when in < out.
 
     ``update`` may have any number of columns: the adapter path projects the
     LoRA factor B (out x r) with the same C, since C (s B A) = s (C B) A.
+    ``basis``: ``orthogonal_basis(alignment, rank, svd)`` when already computed.
     """
     if projection == "scaled":
         return linalg.left_project(alignment, update, scale=linalg.frobenius(alignment))
-    return linalg.left_project(orthogonal_basis(alignment, rank, svd), update)
+    return linalg.left_project(orthogonal_basis(alignment, rank, svd) if basis is None else basis, update)
 
 
 # How far the kernel's float32 cosine may sit from the exact one: rounding of its dot
@@ -121,6 +131,7 @@ def update_cosine(
     projection: str,
     rank: int,
     svd: linalg.SvdMode = "auto",
+    basis: Optional[torch.Tensor] = None,
 ):
     """``(cos, C dW)`` for V = ``alignment`` and dW = ``update`` (compute dtype).
 
@@ -130,7 +141,7 @@ def update_cosine(
     ``torch.nn.functional.cosine_similarity`` also gives 0 there, so the
     tensor is projected (to W_a) whenever the threshold is >= 0.
     """
-    projected = project_update(alignment, update, projection, rank, svd)
+    projected = project_update(alignment, update, projection, rank, svd, basis)
     norms = torch.linalg.vector_norm(projected) * torch.linalg.vector_norm(update)
     dot = torch.dot(projected.reshape(-1), update.reshape(-1))
     cos = torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0)
@@ -145,17 +156,24 @@ def projection_cosine(
     projection: str = "scaled",
     rank: int = 8,
     svd: linalg.SvdMode = "auto",
+    report_tie: Optional[list] = None,
 ):
     """``(cos, C dW, W_a)`` in compute precision; cos is NaN when V or dW is zero.
 
     The one place the Safe LoRA decision is computed: the kernel, the
     ``safelora-select`` command and ``mergekit-lox analyze`` all call it.
+    ``report_tie``: a list that gets the orthogonal projection's ``tied``
+    (linalg.GuardedTopK.tied; nothing for the scaled projection).
     """
     dtype = linalg.compute_dtype(finetuned)
     W_a = aligned.to(dtype)
     alignment = W_a - base.to(dtype)
     update = finetuned.to(dtype) - W_a
-    cos, projected = update_cosine(alignment, update, projection, rank, svd)
+    basis = None
+    if projection == "orthogonal" and report_tie is not None:
+        basis, tied = orthogonal_factors(alignment, rank, svd)
+        report_tie.append(tied)
+    cos, projected = update_cosine(alignment, update, projection, rank, svd, basis)
     return cos, projected, W_a
 
 
@@ -176,11 +194,14 @@ def project(
     return project_with_cosine(finetuned, aligned, base, threshold, projection, rank, svd)[0]
 
 
-def project_with_cosine(finetuned, aligned, base, threshold: float, projection: str, rank: int, svd="auto"):
-    """``(project(...), cos)``; cos is None for a 1-D tensor (it passes)."""
+def project_with_cosine(
+    finetuned, aligned, base, threshold: float, projection: str, rank: int, svd="auto", report_tie=None
+):
+    """``(project(...), cos)``; cos is None for a 1-D tensor (it passes). ``report_tie``:
+    projection_cosine's."""
     if finetuned.ndim < 2:
         return finetuned, None
-    cos, projected, W_a = projection_cosine(finetuned, aligned, base, projection, rank, svd)
+    cos, projected, W_a = projection_cosine(finetuned, aligned, base, projection, rank, svd, report_tie)
     # NaN (dW == 0 or V == 0) compares False: the fine-tuned tensor passes.
     # torch.where keeps the decision on the device (no host synchronisation).
     out = torch.where(cos <= threshold, W_a + projected, finetuned.to(W_a.dtype))
@@ -203,9 +224,12 @@ def safelora_project(
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
     warn_low_precision(NAME, inputs[FINETUNED])
+    ties = []
     merged, cos = project_with_cosine(
-        inputs[FINETUNED], inputs[ALIGNED], inputs["base"], threshold, projection, rank, svd
+        inputs[FINETUNED], inputs[ALIGNED], inputs["base"], threshold, projection, rank, svd, ties
     )
+    for tied in ties:
+        warn_tied_rank(NAME, group.metadata.name, tied, rank)
     if cos is not None:
         warn_near_threshold(NAME, group.metadata.name, cos, threshold, cosine_accuracy(projection, svd))
     return owned_result(merged, inputs, NAME, FINETUNED)

@@ -43,6 +43,7 @@ from mergekit_lox.methods.inputs import (
     owned_result,
     role_tensors,
     warn_low_precision,
+    warn_tied_rank,
 )
 from mergekit_lox.methods.registration import register_method
 
@@ -77,11 +78,14 @@ def merge(
     return merge_with_cosine(finetuned, safety, aligned, base, threshold, safety_weight, projection, rank, svd)[0]
 
 
-def merge_with_cosine(finetuned, safety, aligned, base, threshold, safety_weight, projection, rank, svd):
-    """``(merge(...), cos)``; cos is None for a 1-D tensor (it passes)."""
+def merge_with_cosine(
+    finetuned, safety, aligned, base, threshold, safety_weight, projection, rank, svd, report_tie=None
+):
+    """``(merge(...), cos)``; cos is None for a 1-D tensor (it passes). ``report_tie``:
+    safelora.projection_cosine's."""
     if finetuned.ndim < 2:
         return finetuned, None
-    cos, _, _ = safelora.projection_cosine(finetuned, aligned, base, projection, rank, svd)
+    cos, _, _ = safelora.projection_cosine(finetuned, aligned, base, projection, rank, svd, report_tie)
     W_f = finetuned.to(linalg.compute_dtype(finetuned))
     merged = W_f + safety_weight * (safety.to(W_f.dtype) - W_f)
     # torch.where keeps the decision on the device (no host synchronisation).
@@ -105,6 +109,7 @@ def safemerge(
 ) -> torch.Tensor:
     inputs = role_tensors(ROLES, group, role)
     warn_low_precision(NAME, inputs[FINETUNED])
+    ties = []
     merged, cos = merge_with_cosine(
         inputs[FINETUNED],
         inputs[SAFETY],
@@ -115,7 +120,10 @@ def safemerge(
         projection,
         rank,
         svd,
+        ties,
     )
+    for tied in ties:
+        warn_tied_rank(NAME, group.metadata.name, tied, rank)
     if cos is not None:
         accuracy = safelora.cosine_accuracy(projection, svd)
         safelora.warn_near_threshold(NAME, group.metadata.name, cos, threshold, accuracy)
