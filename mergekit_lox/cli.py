@@ -440,6 +440,53 @@ def lssf_calibrate(
     typer.echo(f"wrote {out}: use it with `subspace: {out}` in an lssf_fusion recipe")
 
 
+@app.command("attack")
+def attack(
+    model: Optional[str] = typer.Argument(None, help="The model to attack: directory or Hugging Face id."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="(prompt, answer) pairs: .jsonl/.json/.csv/.parquet file, saved dataset or dataset id."
+    ),
+    out: Optional[str] = typer.Option(None, "-o", "--out", help="Output folder (model/, adapter/, attack.json)."),
+    lora: Optional[int] = typer.Option(
+        None, "--lora", help="LoRA rank: write a PEFT adapter (PEFT's default modules)."
+    ),
+    full: bool = typer.Option(False, "--full", help="Full fine-tune: write a whole model."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="A paper's attack (see --presets): fills unset options."
+    ),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs (default: the preset's, else 1)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the preset's, else 2e-5)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimiser steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per step (default 8)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order and the LoRA initialisation."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Default: prompt, question, goal, ..."),
+    answer_column: Optional[str] = typer.Option(None, "--answer-column", help="Default: answer, response, target, ..."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N examples."),
+    split: str = typer.Option("train", "--split", help="Dataset split (datasets only)."),
+    presets: bool = typer.Option(False, "--presets", help="List the presets with their settings and sources."),
+):
+    """A fine-tuning attack (transformers Trainer, PEFT for --lora): loss on the answer only,
+    the chat template applied where the model has one. OUT/attack.json records the data's
+    sha256, the settings and the loss curve; a finished attack is never run twice.
+    Details: docs/attack.md."""
+    from mergekit_lox.attack import PRESETS, AttackSettings, run_attack
+
+    if presets:
+        for name, p in PRESETS.items():
+            how = f"LoRA rank {p.lora}" if p.lora else "full"
+            typer.echo(f"{name}: {p.description} [{how}; data: {p.data or 'bring your own (--data)'}] ({p.source})")
+        return
+    if model is None or out is None:
+        raise typer.BadParameter("MODEL and -o OUT are required (or --presets)")
+    settings = AttackSettings(
+        data=data, lora=lora, full=full, preset=preset, epochs=epochs, lr=lr, max_steps=max_steps,
+        batch_size=batch_size, seed=seed, device=device, prompt_column=prompt_column, answer_column=answer_column,
+        limit=limit, split=split,
+    )  # fmt: skip
+    run_attack(model, settings, out, verbose=_ROOT_OPTIONS["verbose"], echo=typer.echo)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: usage errors exit 2, every other failure one `error:` line and 1."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -71,7 +71,22 @@ def _read_text(path: str) -> List[Dict]:
         return [{"text": line.rstrip("\n")} for line in f if line.strip()]
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv}
+def _read_parquet(path: str) -> List[Dict]:
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowInvalid as error:
+        raise DataError(f"{path}: not a parquet file ({' '.join(str(error).split())[:120]})") from None
+
+
+_READERS = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".tsv": _read_csv,
+    ".parquet": _read_parquet,
+}
 
 
 def _columns(rows: Sequence[Dict]) -> List[str]:
@@ -122,7 +137,9 @@ def load_rows(source: str, *, split: str = "train") -> Tuple[List[Dict], List[st
         return rows, _columns(rows)
     if os.path.isdir(source) or (not os.path.exists(source) and "/" in source and suffix not in _READERS):
         return _load_dataset(source, split)
-    raise DataError(f"{source}: no such file (a prompt source is a .jsonl/.json/.csv/.txt file or a dataset id)")
+    raise DataError(
+        f"{source}: no such file (a prompt source is a .jsonl/.json/.csv/.parquet/.txt file or a dataset id)"
+    )
 
 
 def pick_column(columns: Sequence[str], column: Optional[str], source: str, option: str = "--column") -> str:
