@@ -13,6 +13,7 @@ import torch
 from mergekit.merge_methods import merge_tensors
 
 from mergekit_lox import linalg
+from mergekit_lox.adapters.terms import term_factors
 from mergekit_lox.methods import safelora
 from mergekit_lox.safelora_tools.adapter import select_modules
 
@@ -120,6 +121,15 @@ def test_a_fixed_rank_on_a_tie_is_flagged_on_every_path_and_named_by_the_kernels
             assert len(lines) == int(warned), (method, lines)
             if warned:
                 assert lines[0].startswith(f"{method}: tensor") and "values 3 and 4" in lines[0]
+        # The adapter path (`mergekit-lox adapter`, api.*_adapter) reports it too.
+        lssf = {"scale": 1.0, "eta": 0.9, "rank": 3, "top_weight": 1.0, "svd": "exact", "subspace": None}
+        terms = (("lox_extrapolate", {"alpha": 1.25, "rank": 3, "svd": "exact"}), ("lssf_fusion", lssf))
+        for method, parameters in terms:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="mergekit_lox"):
+                term_factors(method, {"base": base, "aligned": aligned, "finetuned": aligned}, parameters, "w.weight")
+            lines = [r.getMessage() for r in caplog.records if "tie within rounding" in r.getMessage()]
+            assert len(lines) == int(warned) and all(f"{method}: tensor w.weight" in line for line in lines)
 
 
 def cosine_case(seed=3):

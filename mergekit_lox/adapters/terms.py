@@ -6,7 +6,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from mergekit_lox.methods.inputs import ALIGNED, FINETUNED
+from mergekit_lox.methods.inputs import ALIGNED, FINETUNED, warn_tied_rank
 
 
 class AdapterError(ValueError):
@@ -43,13 +43,19 @@ def term_factors(
     target = inputs[TARGET_ROLE[method]]
     if target.ndim < 2:
         return None
+    # A term that rounding decides (a tie at a fixed rank, an automatic rank on the rule's
+    # boundary) is reported as the kernels report it, naming the weight.
     if method == "lox_extrapolate":
-        return module.lox_factors(
+        B, A, tied = module.lox_factors_with_ties(
             inputs[ALIGNED], inputs["base"], parameters["alpha"], parameters["rank"], parameters["svd"]
         )
-    return module.fusion_factors(
+        warn_tied_rank(method, name, tied, parameters["rank"])
+        return B, A
+    terms = module.fusion_terms(
         inputs[ALIGNED], inputs["base"], **lssf_arguments(parameters, name, aligned_model, target.shape)
     )
+    module.warn_undetermined(name, terms.ranks, terms.close, parameters["rank"])
+    return terms.B, terms.A
 
 
 def lssf_arguments(parameters: Mapping[str, object], name: Optional[str], aligned_model, shape) -> Dict[str, object]:

@@ -81,16 +81,25 @@ def lox_factors(
     ``svd`` path and guard). ``rank`` 0 or at least ``min(m, n)`` is the full
     term (k = min(m, n), from the exact SVD). Tensors need 2 or more dimensions.
     """
+    B, A, _ = lox_factors_with_ties(aligned, base, alpha, rank, svd)
+    return B, A
+
+
+def lox_factors_with_ties(aligned, base, alpha: float, rank: int, svd: linalg.SvdMode = "auto"):
+    """``(B, A, tied)``: lox_factors' and, where the term is truncated, where ``s_k`` ties
+    ``s_{k+1}`` within rounding (linalg.GuardedTopK.tied); None where nothing is truncated."""
     if aligned.ndim < 2:
         raise ValueError(f"lox_factors needs a matrix or a stack of matrices, got shape {tuple(aligned.shape)}")
     dtype = linalg.compute_dtype(aligned)
     safety_vector = aligned.to(dtype) - base.to(dtype)
+    tied = None
     if linalg.truncates(safety_vector, rank):
-        U, S, Vh = linalg.top_k(safety_vector, rank, svd)
+        guarded = linalg.guarded_top_k(safety_vector, rank, svd)
+        (U, S, Vh), tied = guarded.factors, guarded.tied
     else:
         U, S, Vh = linalg.svd(safety_vector)
     root = S.sqrt()
-    return U * (alpha * root).unsqueeze(-2), root.unsqueeze(-1) * Vh
+    return U * (alpha * root).unsqueeze(-2), root.unsqueeze(-1) * Vh, tied
 
 
 @merge_method(

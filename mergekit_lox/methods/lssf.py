@@ -251,6 +251,15 @@ def fuse_with_ranks(finetuned: torch.Tensor, aligned: torch.Tensor, base: torch.
     return linalg.add_product(finetuned.to(dtype), terms.B, terms.A).to(finetuned.dtype), terms.ranks, terms.close
 
 
+def warn_undetermined(name, ranks: Optional[torch.Tensor], close: Optional[torch.Tensor], rank: int) -> None:
+    """Report FusionFactors.close for tensor ``name``: with a fixed ``rank``, a tie at it
+    (inputs.warn_tied_rank); with the automatic rank, the rule's boundary."""
+    if rank > 0:
+        warn_tied_rank(NAME, name, close, rank)
+    else:
+        warn_close_ranks(name, ranks, close)
+
+
 def warn_close_ranks(name, ranks: Optional[torch.Tensor], close: Optional[torch.Tensor]) -> None:
     """Warn, naming the tensor, where its automatic rank is within rounding of the rule's
     boundary: the rule is the paper's and cannot be moved off it, so it is reported."""
@@ -394,10 +403,7 @@ def lssf_fusion(
         basis=basis,
         svd=svd,
     )
-    if rank > 0:
-        warn_tied_rank(NAME, group.metadata.name, close, rank)
-    else:
-        warn_close_ranks(group.metadata.name, ranks, close)
+    warn_undetermined(group.metadata.name, ranks, close, rank)
     return owned_result(merged, inputs, NAME, FINETUNED)
 
 
