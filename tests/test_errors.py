@@ -381,7 +381,7 @@ def test_mergekit_own_vocabulary_error_stays_on_one_line(family, wide_vocab, tmp
 
     from mergekit_lox import cli
 
-    def unchecked(recipe, out, mergekit_args=None, intermediate_dir=None):
+    def unchecked(recipe, out, mergekit_args=None, intermediate_dir=None, strict=False):
         mergekit_yaml.main(args=[recipe, out, *(mergekit_args or [])], standalone_mode=False)
 
     monkeypatch.setattr(cli, "run_recipe", unchecked)
