@@ -517,9 +517,10 @@ def test_ray_starts_a_new_local_instance_unless_told_where(monkeypatch):
 # -- staged sweeps (issue 24): defend -> attack -> repair -> eval ---------------------------------
 
 FT_ROWS = [{"prompt": f"w{i} w{i + 1}", "answer": f"w{i + 2} w{i + 3} w{i + 4}"} for i in range(1, 9)]
+COLUMNS = {"prompt_column": "prompt", "answer_column": "answer"}
 ATTACKS = {
-    "lora": {"data": "ft.jsonl", "lora": 2, "max_steps": 2, "lr": 0.5},
-    "full": {"data": "ft.jsonl", "full": True, "max_steps": 2, "lr": 0.05},
+    "lora": {"data": "ft.jsonl", "lora": 2, "max_steps": 2, "lr": 0.5, **COLUMNS},
+    "full": {"data": "ft.jsonl", "full": True, "max_steps": 2, "lr": 0.05, **COLUMNS},
 }
 STAGED_POINTS = [
     {"defend.parameters.alpha": 0.5, "repair.parameters.scale": 1.0},
