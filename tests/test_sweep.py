@@ -135,12 +135,7 @@ def test_results_files_and_chosen_point(local, family):
 def ray_session():
     """One local Ray instance for the module's Ray tests (starting one costs seconds)."""
     ray = pytest.importorskip("ray")
-    runtime_env = {}
-    try:
-        import mergekit_lox.attack  # noqa: F401
-    except ImportError:  # TEMPORARY until h24a's attack lands: the stub in the workers too
-        runtime_env["worker_process_setup_hook"] = "tests.attack_stub.install"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -546,12 +541,6 @@ class AttackRuns:
 
 @pytest.fixture(scope="module")
 def attack_runs():
-    try:
-        import mergekit_lox.attack  # noqa: F401
-    except ImportError:  # TEMPORARY until h24a's attack lands: the stub of the same interface
-        from tests import attack_stub
-
-        attack_stub.install()
     import mergekit_lox.attack
 
     runs = AttackRuns()
@@ -685,13 +674,7 @@ def test_staged_sweep_resumes_after_a_kill_without_repeating_an_attack(setup, fa
     """SIGKILL once a point is recorded; the rerun trains only the attacks not yet finished."""
     path = staged_sweep_file(setup, family, setup / "staged-kill.yml", keep="none")
     out = setup / "staged-killed"
-    program = (
-        "import sys; sys.argv = ['mergekit-lox', *sys.argv[1:]]\n"
-        "try:\n    import mergekit_lox.attack\n"
-        "except ImportError:\n    from tests import attack_stub; attack_stub.install()\n"
-        "from mergekit_lox.cli import main; main()\n"
-    )
-    command = [sys.executable, "-c", program, "sweep", path, "-o", str(out)]
+    command = [sys.executable, "-m", "mergekit_lox.cli", "sweep", path, "-o", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
     statuses, deadline = [], time.monotonic() + 180
     while "ok" not in statuses and process.poll() is None and time.monotonic() < deadline:
@@ -725,6 +708,8 @@ def test_staged_sweep_resumes_after_a_kill_without_repeating_an_attack(setup, fa
     "changes, fragment",
     [
         ({"attack": {"lora": {"data": "ft.jsonl", "lorra": 2}}}, "attack: lora: "),
+        ({"attack": {"lora": {**ATTACKS["lora"], "lr": float("nan")}}}, "attack: lora: --lr must be a finite number"),
+        ({"attack": {"x": {"data": "ft.jsonl"}}}, "attack: x: choose --lora RANK (a PEFT adapter) or --full"),
         ({"attack": {"../x": ATTACKS["lora"]}}, "attack: ../x: an attack's name is letters"),
         ({"attack": {"a": {"data": "nothere.jsonl", "lora": 2}}}, "attack: a: data: "),
         ({"points": [{"parameters.alpha": 1.0}]}, "points[0]: parameters.alpha: in a staged sweep an address"),
@@ -759,15 +744,17 @@ def test_check_refuses_repair_placeholders_that_cannot_work(setup, family, attac
 
 
 def test_staged_sweep_on_ray_gives_the_same_numbers(setup, family, staged, ray_session):
-    """One Ray task per point, the points of one defense one after another: the same numbers."""
-    path = staged_sweep_file(setup, family, setup / "staged-ray.yml")
+    """One Ray task per point, the points of one defense one after another (beside the
+    baseline's task): the same numbers as the local run. Two points (one defense) keep it short."""
+    path = staged_sweep_file(setup, family, setup / "staged-ray.yml", points=STAGED_POINTS[:2])
     out = setup / "staged-ray"
     state = run_sweep(path, str(out), executor="ray", echo=quiet)
     expected, _, _ = staged
-    assert [p["status"] for p in state["points"]] == ["ok"] * 3, [p["error"] for p in state["points"]]
+    expected = {**expected, "points": expected["points"][:2]}
+    assert [p["status"] for p in state["points"]] == ["ok"] * 2, [p["error"] for p in state["points"]]
     for got, want in zip(staged_numbers(state), staged_numbers(expected), strict=True):
         assert got[:3] == want[:3] and got[3] == pytest.approx(want[3], rel=1e-9)
-    assert state["chosen"] == expected["chosen"]
+    assert [p["worst"] for p in state["points"]] == [p["worst"] for p in expected["points"]]
     assert sorted(str(p.relative_to(out)) for p in out.glob("**/attacks/*/run")) == sorted(
-        f"{d}/attacks/{a}/run" for d in ("baseline", "defenses/000", "defenses/002") for a in ATTACKS
+        f"{d}/attacks/{a}/run" for d in ("baseline", "defenses/000") for a in ATTACKS
     )  # keep: all

@@ -56,7 +56,7 @@ def _attack(model: str, fields: Dict[str, Any], out: str):
 
     from mergekit_lox.attack import run_attack
 
-    return run_attack(model, stages.attack_settings(fields), Path(out))
+    return run_attack(model, stages.attack_settings(fields), Path(out), echo=lambda *_: None)
 
 
 def _attacked(model: Callable[[], str], name: str, fields: Dict[str, Any], folder: str, options: Dict[str, Any]):

@@ -117,10 +117,13 @@ def placeholder_problems(documents: List[Any], attacks: Dict[str, Dict[str, Any]
 
 
 def attack_settings(fields: Dict[str, Any]):
-    """``AttackSettings(**fields)``; TypeError or ValueError naming what is wrong."""
-    from mergekit_lox.attack import AttackSettings
+    """``AttackSettings(**fields)``, checked as `mergekit-lox attack` checks its options before
+    training (``resolve``); TypeError or ValueError (AttackError) naming what is wrong."""
+    from mergekit_lox.attack import AttackSettings, resolve
 
-    return AttackSettings(**fields)
+    settings = AttackSettings(**fields)
+    resolve(settings)
+    return settings
 
 
 def defend_texts(sweep) -> List[str]:
