@@ -52,11 +52,15 @@ def _path(value) -> Optional[str]:
 
 def _attack(model: str, fields: Dict[str, Any], out: str):
     """`mergekit-lox attack` of ``model`` into ``out``: resumable, a finished attack is returned as it is."""
+    import contextlib
+    import io
     from pathlib import Path
 
     from mergekit_lox.attack import run_attack
 
-    return run_attack(model, stages.attack_settings(fields), Path(out), echo=lambda *_: None)
+    # transformers' Trainer prints its log dicts to stdout; the sweep prints one line per point.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_attack(model, stages.attack_settings(fields), Path(out), echo=lambda *_: None)
 
 
 def _attacked(model: Callable[[], str], name: str, fields: Dict[str, Any], folder: str, options: Dict[str, Any]):
