@@ -376,8 +376,10 @@ def sweep(
     ),
 ):
     """Merge and evaluate a recipe at every point of a parameter grid; report the
-    safety-versus-utility trade-off and the chosen point. Resumable: rerun the same
-    command and recorded points are skipped."""
+    safety-versus-utility trade-off and the chosen point. A staged sweep (defend:,
+    attack:, repair:) defends, attacks, repairs and evaluates each point, attacks the
+    undefended model as the baseline, and chooses on the worst case over the attacks
+    (docs/sweep.md). Resumable: rerun the same command and recorded points are skipped."""
     from mergekit_lox.sweep import run_sweep
 
     if executor is SweepExecutor.local and (ray_address or gpus_per_point is not None):

@@ -4,6 +4,9 @@
 ``overrides``: parameter addresses and grid expansion; ``points``: one point's
 merge + eval (the same under every executor); ``executors``: local or Ray;
 ``results``: sweep.json / sweep.csv and the chosen point; ``report``: report.html.
+Staged sweeps (defend -> attack -> repair -> eval): ``stages`` (the file's stages and
+placeholders, the worst case), ``pipeline`` (a staged point's and the baseline's work),
+``staging`` (the driver's side: tasks, record, deletions), ``staged_report``.
 The guide is docs/sweep.md.
 """
 
