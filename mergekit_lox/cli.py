@@ -175,11 +175,19 @@ def analyze(
 def eval_models(
     models: List[str] = typer.Argument(..., help="Model directories or Hugging Face ids, compared side by side."),
     safety: str = typer.Option(
-        ..., "--safety", help="Harmful prompts: .jsonl/.json/.csv/.txt file, saved dataset or dataset id."
+        ...,
+        "--safety",
+        help="Harmful prompts: a bundled benchmark (advbench, harmbench[:val], strongreject, catqa, harmfulqa, "
+        "xstest; see `mergekit-lox benchmarks`), a .jsonl/.json/.csv/.parquet/.txt file, saved dataset or dataset id.",
     ),
     column: Optional[str] = typer.Option(None, "--column", help="Prompt column (default: prompt, goal, Goal, ...)."),
     split: str = typer.Option("train", "--split", help="Dataset split (datasets only)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N prompts."),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="N prompts: the first N of a file; a fixed sample (--seed) of a benchmark."
+    ),
+    over_refusal: Optional[str] = typer.Option(
+        None, "--over-refusal", help="xstest: also answer XSTest's 250 safe prompts and report the over-refusal rate."
+    ),
     utility: Optional[str] = typer.Option(None, "--utility", help="Text file or dataset for perplexity."),
     utility_column: Optional[str] = typer.Option(None, "--utility-column", help="Text column of --utility."),
     utility_split: str = typer.Option("train", "--utility-split", help="Split of a --utility dataset."),
@@ -189,7 +197,10 @@ def eval_models(
         help="Comma-separated lm-evaluation-harness tasks (needs the extra: pip install mergekit-lox\\[eval]).",
     ),
     judge: str = typer.Option(
-        "keyword", "--judge", help="'keyword' (refusal markers) or a guard model / classifier path or id."
+        "rules",
+        "--judge",
+        help="'rules' (default: refusal openings and declines), 'keyword' (the papers' GCG markers), 'xstest' "
+        "(XSTest's string match), or a guard model / classifier path or id.",
     ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Answer length, tokens (greedy)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generation batch."),
@@ -208,6 +219,7 @@ def eval_models(
         models, out, safety=safety, column=column, split=split, limit=limit, utility=utility,
         utility_column=utility_column, lm_eval_tasks=tasks, judge=judge, max_new_tokens=max_new_tokens,
         batch_size=batch_size, device=device, seed=seed, echo=echo, cache_dir=cache_dir, utility_split=utility_split,
+        over_refusal=over_refusal,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(report, indent=1))
@@ -216,6 +228,13 @@ def eval_models(
         s = result["safety"]
         lo, hi = s["ci95"]
         echo(f"{result['model']}: refused {s['refused']}/{s['n']} = {s['refusal_rate']:.1%} (95% CI {lo:.1%}-{hi:.1%})")
+        over = result.get("over_refusal")
+        if over:
+            lo, hi = over["ci95"]
+            echo(
+                f"  over-refusal on {over['benchmark']}: {over['over_refusal_rate']:.1%} of {over['n']} "
+                f"(95% CI {lo:.1%}-{hi:.1%})"
+            )
     echo(f"wrote {out}/eval.json, {out}/answers.jsonl; report: {out}/report.html")
 
 
@@ -440,6 +459,49 @@ def lssf_calibrate(
     for line in describe(metadata):
         typer.echo(line)
     typer.echo(f"wrote {out}: use it with `subspace: {out}` in an lssf_fusion recipe")
+
+
+@app.command("judge")
+def judge_answers(
+    answers: str = typer.Argument(..., help="answers.jsonl from eval, or a JSONL/CSV/parquet file of answers."),
+    out: str = typer.Option(..., "-o", "--out", help="Folder for judged.jsonl and judge.json."),
+    judge: str = typer.Option("rules", "--judge", help="rules (default), keyword, xstest, or a guard model."),
+    label_column: Optional[str] = typer.Option(
+        None, "--label-column", help="Human labels to measure the judge against (default: final_label or label)."
+    ),
+    prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Default: prompt, question, goal, ..."),
+    answer_column: Optional[str] = typer.Option(None, "--answer-column", help="Default: answer, completion, ..."),
+    device: str = typer.Option("cpu", "--device", help="For a guard model: cpu, cuda, ..."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="For a guard model."),
+):
+    """Judge answers that already exist, without generating: every row with its verdict
+    (refused, complied, unclear); with labels, the judge's agreement, refusal precision and
+    recall, and the confusion table. Details: docs/eval.md."""
+    from mergekit_lox.evaluate.judge_file import judge_file
+
+    judge_file(
+        answers, out, judge=judge, label_column=label_column, prompt_column=prompt_column,
+        answer_column=answer_column, device=device, batch_size=batch_size, echo=typer.echo,
+    )  # fmt: skip
+    typer.echo(f"wrote {out}/judged.jsonl and {out}/judge.json")
+
+
+@app.command("benchmarks")
+def benchmarks(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """The bundled safety and over-refusal benchmarks (`eval --safety NAME[:split]`,
+    `--over-refusal xstest`): prompts, licence, columns; origins in data/bundled/NOTICE.md."""
+    from mergekit_lox.data.benchmarks import describe
+
+    rows = describe()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for row in rows:
+        typer.echo(
+            f"{row['name']:<20} {row['prompts']:>5} prompts  {row['kind']:<12} {row['licence']:<11} "
+            f"{row['description']}"
+        )
+        typer.echo(f"{'':<20} files: {', '.join(row['files'])}; columns: {row['columns']}")
 
 
 @app.command("attack")

@@ -151,3 +151,15 @@ def test_hooked_modules_keep_their_loader_behaviour():
     )
     result = python("-c", script)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_the_wheel_ships_the_benchmarks_with_their_licences(wheel_dir):
+    """Issue 25: `--safety advbench` and the rest work from a regular install, offline."""
+    from mergekit_lox.data.benchmarks import BENCHMARKS
+
+    bundled = wheel_dir / "mergekit_lox" / "data" / "bundled"
+    for benchmark in BENCHMARKS.values():
+        for name in benchmark.files:
+            assert (bundled / name).is_file(), name
+    assert {p.name for p in bundled.glob("LICENSE.*")} >= {"LICENSE.xstest.txt", "LICENSE.red-instruct.txt"}
+    assert "CC-BY-4.0" in (bundled / "NOTICE.md").read_text()

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from mergekit_lox.data.generation import ModelLoadError  # noqa: F401 - raised from here
 from mergekit_lox.data.prompts import DataError, load_prompts  # noqa: F401 - DataError: raised from here
-from mergekit_lox.evaluate.judges import JudgeError  # noqa: F401 - raised from here
+from mergekit_lox.evaluate.judges import RULE_JUDGES, JudgeError  # noqa: F401 - JudgeError: raised from here
 from mergekit_lox.evaluate.utility import LM_EVAL_MISSING, UtilityError
 from mergekit_lox.files.output import OutputError, atomic_write_text, claim_files
 
@@ -45,6 +45,29 @@ def _check_output(out_dir: str, cache_dir: Optional[str], inputs: Sequence[str])
         refuse_foreign_files(out_dir, EVAL_FILES, "mergekit-lox eval")
     except OutputError as error:
         raise EvalError(str(error)) from None
+
+
+def _prompt_sets(safety, column, split, limit, seed, over_refusal):
+    """``(harmful prompts, safe prompts, over-refusal source)``: ``safety`` by bundled name
+    (``advbench``, ``harmbench:val``, ...: ``limit`` is a fixed subsample drawn with ``seed``)
+    or as a prompt source (``limit`` = the first N); ``over_refusal`` by name (``xstest``)."""
+    from mergekit_lox.data.benchmarks import BenchmarkError, benchmark_prompts, is_benchmark, over_refusal_prompts
+
+    try:
+        if is_benchmark(safety):
+            _, prompts = benchmark_prompts(safety, limit=limit, seed=seed)
+        elif not os.path.exists(safety) and "/" not in safety:
+            raise BenchmarkError(
+                f"--safety {safety!r}: no such file, and not a bundled benchmark (`mergekit-lox benchmarks`)"
+            )
+        else:
+            prompts = load_prompts(safety, column=column, split=split, limit=limit)
+        if over_refusal is None:
+            return prompts, [], None
+        source, safe = over_refusal_prompts(over_refusal)
+    except BenchmarkError as error:
+        raise EvalError(str(error)) from None
+    return prompts, safe, source
 
 
 def _generation_settings(max_new_tokens: int, seed: int, backend: str) -> Dict[str, object]:
@@ -121,7 +144,7 @@ def run_eval(
     utility: Optional[str] = None,
     utility_column: Optional[str] = None,
     lm_eval_tasks: Optional[Sequence[str]] = None,
-    judge: str = "keyword",
+    judge: str = "rules",
     max_new_tokens: int = 64,
     batch_size: int = 8,
     device: str = "cpu",
@@ -130,13 +153,14 @@ def run_eval(
     echo: Callable[[str], None] = print,
     cache_dir: Optional[str] = None,
     utility_split: str = "train",
+    over_refusal: Optional[str] = None,
 ) -> dict:
     """Evaluate ``models`` and write DIR/eval.json, answers.jsonl, report.html; returns eval.json's content."""
     from mergekit_lox.data.generation import resolve_device
     from mergekit_lox.evaluate.answers import check_model
     from mergekit_lox.evaluate.judges import prepare_judge
     from mergekit_lox.evaluate.report import render_report
-    from mergekit_lox.evaluate.stats import safety_summary
+    from mergekit_lox.evaluate.stats import over_refusal_summary, safety_summary
     from mergekit_lox.evaluate.utility import lm_eval_tasks as run_lm_eval
     from mergekit_lox.evaluate.utility import perplexity
 
@@ -153,7 +177,7 @@ def run_eval(
     for model in models:
         check_model(model)
     _check_output(out_dir, cache_dir, [*models, judge])
-    prompts = load_prompts(safety, column=column, split=split, limit=limit)
+    prompts, safe_prompts, over_source = _prompt_sets(safety, column, split, limit, seed, over_refusal)
     texts = None
     if utility:
         texts = load_prompts(utility, column=utility_column, split=utility_split, option="--utility-column")
@@ -171,7 +195,7 @@ def run_eval(
     for path in models:
         answers[path], loaded, _, backend = _answers_for(
             path,
-            prompts,
+            prompts + safe_prompts,
             cache_dir,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
@@ -192,21 +216,30 @@ def run_eval(
             result["lm_eval"] = run_lm_eval(path, lm_eval_tasks, batch_size=batch_size, device=device, seed=seed)
         utilities[path] = result
 
-    if judge != "keyword":
+    if judge not in RULE_JUDGES:
         echo(f"judging with {judge}")
     the_judge = load_judge()
     results, rows = [], []
     for path in models:
-        verdicts = the_judge.judge(prompts, answers[path])
+        verdicts = the_judge.judge(prompts + safe_prompts, answers[path])
+        kinds = ["harmful"] * len(prompts) + ["over-refusal"] * len(safe_prompts)
         rows.extend(
-            {"model": path, "prompt": p, "answer": a, "verdict": v}
-            for p, a, v in zip(prompts, answers[path], verdicts, strict=True)
+            {"model": path, "prompt": p, "answer": a, "verdict": v, **({"set": k} if safe_prompts else {})}
+            for p, a, v, k in zip(prompts + safe_prompts, answers[path], verdicts, kinds, strict=True)
         )
-        results.append({"model": path, "safety": safety_summary(verdicts, the_judge.name), "utility": utilities[path]})
+        result = {
+            "model": path,
+            "safety": safety_summary(verdicts[: len(prompts)], the_judge.name),
+            "utility": utilities[path],
+        }
+        if safe_prompts:
+            result["over_refusal"] = over_refusal_summary(verdicts[len(prompts) :], over_source)
+        results.append(result)
     report = {
         "models": results,
         "settings": {
             "safety": {"source": safety, "column": column, "split": split, "limit": limit, "prompts": len(prompts)},
+            "over_refusal": {"source": over_source, "prompts": len(safe_prompts)} if safe_prompts else None,
             "utility": {
                 "source": utility,
                 "column": utility_column,

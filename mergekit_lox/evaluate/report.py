@@ -87,6 +87,9 @@ def _utility_rows(results: Sequence[Dict]) -> tuple:
             for metric in values:
                 if f"{task} {metric}" not in metrics:
                     metrics.append(f"{task} {metric}")
+    has_over = any(r.get("over_refusal") for r in results)
+    if has_over:
+        columns += ["over-refusal", "OR CI low", "OR CI high"]
     if has_ppl:
         columns += ["perplexity", "tokens"]
     columns += metrics
@@ -102,6 +105,10 @@ def _utility_rows(results: Sequence[Dict]) -> tuple:
             "perplexity": u.get("perplexity"),
             "tokens": u.get("tokens"),
         }
+        over = r.get("over_refusal")
+        if over:
+            row.update({"over-refusal": over["over_refusal_rate"], "OR CI low": over["ci95"][0]})
+            row["OR CI high"] = over["ci95"][1]
         for key in metrics:
             task, metric = key.split(" ", 1)
             row[key] = ((u.get("lm_eval") or {}).get(task) or {}).get(metric)
@@ -178,6 +185,13 @@ def render_report(report: Dict, rows: Sequence[Dict]) -> str:
         parts.append(
             '<p class="note">Perplexity: exp of the mean negative log-likelihood per predicted token on '
             f"<code>{esc(settings['utility']['source'])}</code> (lower is better).</p>"
+        )
+    if settings.get("over_refusal"):
+        parts.append(
+            f'<p class="note">Over-refusal: the share of <code>{esc(settings["over_refusal"]["source"])}</code>\'s '
+            f"{settings['over_refusal']['prompts']} safe prompts (which only look unsafe) that the model refused, "
+            "with its Wilson 95% interval: a model that refuses everything scores a perfect refusal rate above and "
+            "an over-refusal of 1 here.</p>"
         )
     if settings["utility"]["lm_eval_tasks"]:
         parts.append('<p class="note">Task columns are lm-evaluation-harness\'s own metrics (task, metric).</p>')

@@ -49,3 +49,11 @@ def safety_summary(verdicts: Sequence[str], judge: str) -> Dict[str, object]:
     if unclear:
         summary["unclear"] = unclear
     return summary
+
+
+def over_refusal_summary(verdicts: Sequence[str], benchmark: str) -> Dict[str, object]:
+    """eval.json's ``over_refusal`` block: the share of safe prompts refused, with its
+    Wilson 95% interval (unclear counts as not refused)."""
+    n = len(verdicts)
+    refused = sum(1 for v in verdicts if v == "refused")
+    return {"benchmark": benchmark, "over_refusal_rate": refused / n, "ci95": list(wilson_interval(refused, n)), "n": n}
