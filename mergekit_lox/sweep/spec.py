@@ -43,7 +43,7 @@ CODE_RUNNING_OPTIONS = {"trust_remote_code": ("--trust-remote-code", "runs Pytho
 DEFAULT_TOLERANCE = 0.05
 # run_eval's arguments that the sweep sets itself.
 EVAL_RESERVED = ("models", "out_dir", "progress", "echo")
-EVAL_PATHS = ("safety", "utility", "judge", "cache_dir")
+EVAL_PATHS = ("safety", "utility", "judge", "cache_dir", "over_refusal")  # read from the sweep file's folder when there
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".txt", ".text", ".parquet")
 INLINE = "the inline recipe"
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
