@@ -168,3 +168,17 @@ def test_safelora_adapter_names_modules_near_a_given_threshold():
     warnings.clear()
     select_modules(modules, 0.45, None, "adapter a", accuracy=1e-5, warn=warnings.append)
     assert warnings == []
+
+
+def test_the_float32_cosine_is_within_its_stated_accuracy_at_llm_sizes():
+    """torch's float32 vector_norm lost 1e-4 of a 1024 x 2816 norm (4.5e-4 at 2048 x 5632)
+    and moved the cosine by as much: 10 times the accuracy the threshold decisions assume."""
+    g = torch.Generator().manual_seed(0)
+    base = 0.02 * torch.randn(1024, 2816, generator=g)
+    aligned = base + 1e-3 * torch.randn(1024, 2816, generator=g)
+    finetuned = aligned + 1e-3 * torch.randn(1024, 2816, generator=g) + 0.5 * (aligned - base)
+    norm64 = float(linalg.sum_of_squares(finetuned.double()))
+    assert abs(float(linalg.sum_of_squares(finetuned)) / norm64 - 1) < 1e-6
+    cos32 = float(safelora.projection_cosine(finetuned, aligned, base)[0])
+    cos64 = float(safelora.projection_cosine(finetuned.double(), aligned.double(), base.double())[0])
+    assert abs(cos32 - cos64) < safelora.FLOAT32_COSINE_ACCURACY / 10

@@ -35,6 +35,7 @@ from mergekit_lox.linalg.exact import (
     nonzero_mask,
     rank_mask,
     singular_values,
+    sum_of_squares,
     svd,
     truncates,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "singular_value_entropy",
     "singular_values",
     "svd",
+    "sum_of_squares",
     "svd_counts",
     "top_k",
     "truncates",

@@ -121,7 +121,7 @@ def svd_ranks_within_rounding(S: torch.Tensor, matrix: torch.Tensor, eta: float)
     """``_within_rounding`` for singular values ``S`` of ``matrix`` from LAPACK's SVD, each
     known to ``ROUNDING_SVD u |M|_F`` (a calibrated allowance, as the certificate's)."""
     u = unit_roundoff(S.dtype)
-    total = torch.linalg.vector_norm(matrix, dim=(-2, -1)).to(torch.float64).square().unsqueeze(-1)
+    total = exact.sum_of_squares(matrix).to(torch.float64).unsqueeze(-1)
     delta = ROUNDING_SVD * u * total.sqrt()
     values = S.to(torch.float64)
     width = (2 * values + delta) * delta
@@ -165,7 +165,7 @@ def energy_entropy_rank(matrix: torch.Tensor, eta: float, svd: SvdMode = "auto")
         return EntropyRank(energy_entropy_ranks(S, matrix.shape, eta), torch.ones_like(S[..., 0], dtype=torch.bool), S)
     small = matrix if matrix.shape[-2] <= matrix.shape[-1] else matrix.mT
     eigenvalues = torch.linalg.eigvalsh(small @ small.mT).flip(-1).clamp_min(0).to(torch.float64)
-    total = torch.linalg.vector_norm(matrix, dim=(-2, -1)).to(torch.float64).square().unsqueeze(-1)
+    total = exact.sum_of_squares(matrix).to(torch.float64).unsqueeze(-1)
     u = unit_roundoff(matrix.dtype)
     width = ROUNDING_GRAM * u * math.sqrt(max(matrix.shape[-2], matrix.shape[-1])) * total
     low, high = (eigenvalues - width).clamp_min(0), eigenvalues + width
