@@ -366,3 +366,207 @@ def _per_tensor_task_class():
             return self.compute(group, merge.input_parameters, merge.parameters)
 
     return PerTensorResult
+
+
+# --------------------------------------------------------------------------- architectures fitted to checkpoints
+# mergekit 0.1.5's architecture definitions list tensors that current checkpoints of the
+# same architecture do not store: GPT-NeoX's attention bias buffer (no longer saved),
+# Cohere's q/k norms (only with use_qk_norm), the norms of the other Falcon layout, a
+# lm_head tied to the embeddings. Every merge then stops with "Tensor ... required but not
+# present". The definition is fitted to the checkpoints here, once for every command: a
+# tensor that no input stores *and* that the transformers model built from the config
+# does not have (or has only as a tie to another tensor) is marked optional, so mergekit
+# skips it. A tensor the model does need and no input stores is a damaged or foreign
+# checkpoint: `missing_tensors` names it, and check / run refuse before computing.
+
+
+def _model_keys(model_config) -> Optional[Tuple[set, set]]:
+    """(state-dict keys, tied keys) of the transformers model ``model_config`` builds, on
+    the meta device (no memory); None when transformers cannot build it as a causal LM."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except Exception:  # noqa: BLE001 - not a causal LM transformers knows: no fitting
+        return None
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    tied = set(tied.keys() if isinstance(tied, dict) else tied)
+    if not getattr(model_config, "tie_word_embeddings", False):
+        tied = set()
+    return set(model.state_dict().keys()), tied
+
+
+def _stored_names(reference) -> Optional[set]:
+    """The tensor names a model reference's checkpoint stores (a LoRA adds none); None
+    when its files are not there yet (a chain stage not computed)."""
+    import os
+
+    from mergekit.common import ModelReference
+    from mergekit.io import ShardedTensorIndex
+
+    base = ModelReference(model=reference.model)
+    path = base.model.path
+    if not os.path.isdir(path):
+        try:
+            path = base.local_path()
+        except Exception:  # noqa: BLE001 - not fetchable now: nothing to compare
+            return None
+    try:
+        return set(ShardedTensorIndex.from_disk(path).tensor_paths)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def missing_tensors(config, arch_info, trust_remote_code: bool = False) -> List[Tuple[str, str, bool]]:
+    """``(tensor, model, skippable)`` for each tensor mergekit's definition ``arch_info``
+    requires and an input of ``config`` (a MergeConfiguration) does not store; skippable
+    when no input stores it and the transformers model of that config has no such tensor,
+    or has it only tied."""
+    from mergekit.architecture.conversion import can_convert_checkpoint_keys
+
+    references = list(config.referenced_models())
+    stored = {str(r.model.path): _stored_names(r) for r in references}
+    known = [names for names in stored.values() if names is not None]
+    if not known:
+        return []
+    model_config = references[0].config(trust_remote_code=trust_remote_code)
+    model_type = getattr(model_config, "model_type", None)
+    keys = None
+    found = []
+
+    def holds(present: set, names: set) -> bool:
+        # mergekit's loader renames and fuses checkpoint keys (transformers' conversion
+        # mapping: Mixtral's per-expert w1/w3 into gate_up_proj): a key it can produce counts.
+        return any(can_convert_checkpoint_keys(model_type, present, name) for name in names)
+
+    for weight in arch_info.all_weights(model_config):
+        if weight.optional:
+            continue
+        names = {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}
+        absent = [path for path, present in stored.items() if present is not None and not holds(present, names)]
+        if not absent:
+            continue
+        if len(absent) < len(known):  # stored by another input: this one is damaged or foreign
+            found.append((weight.name, absent[0], False))
+            continue
+        if keys is None:
+            keys = _model_keys(model_config) or (None, set())
+        state, tied = keys
+        skippable = state is not None and (weight.name not in state or weight.name in tied)
+        found.append((weight.name, absent[0], skippable))
+    return found
+
+
+def unlisted_tensors(config, arch_info, trust_remote_code: bool = False) -> List[str]:
+    """Tensors every input stores and the transformers model uses that mergekit's
+    definition does not list (Falcon-7B's input_layernorm under the 40B-layout
+    definition): a merge would leave them out of its output."""
+    references = list(config.referenced_models())
+    stored = [_stored_names(r) for r in references]
+    if any(names is None for names in stored) or not stored:
+        return []
+    model_config = references[0].config(trust_remote_code=trust_remote_code)
+    listed = set()
+    for weight in arch_info.all_weights(model_config):
+        listed |= {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}
+    common = set.intersection(*stored) - listed
+    keys = _model_keys(model_config) if common else None
+    return sorted(common & keys[0]) if keys else []
+
+
+def fitted_architecture(arch_info, skip: set, extra: Tuple[str, ...] = ()):
+    """``arch_info`` with the weights named in ``skip`` marked optional and the tensors
+    ``extra`` added after the last layer (single-module architectures)."""
+    from mergekit.architecture import ModelArchitecture, ModuleArchitecture, WeightInfo
+    from mergekit.architecture.base import ModuleDefinition
+
+    class Fitted(ModuleArchitecture):
+        def __init__(self, inner, prefix: str):
+            self._inner, self._prefix = inner, prefix
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def _fit(self, weights):
+            if weights is None:
+                return None
+            return [w.model_copy(update={"optional": True}) if self._prefix + w.name in skip else w for w in weights]
+
+        def pre_weights(self, config):
+            return self._fit(self._inner.pre_weights(config))
+
+        def post_weights(self, config):
+            added = [WeightInfo(name=name[len(self._prefix) :]) for name in extra if name.startswith(self._prefix)]
+            return self._fit(self._inner.post_weights(config)) + added
+
+        def layer_weights(self, index, config):
+            return self._fit(self._inner.layer_weights(index, config))
+
+        def num_layers_config_key(self):
+            return self._inner.num_layers_config_key()
+
+        def num_layers(self, config):
+            return self._inner.num_layers(config)
+
+    modules = {
+        key: ModuleDefinition(
+            architecture=Fitted(module.architecture, module.weight_prefix or ""),
+            weight_prefix=module.weight_prefix,
+            subfolder=module.subfolder,
+        )
+        for key, module in arch_info.modules.items()
+    }
+    return ModelArchitecture(
+        modules=modules,
+        architectures=arch_info.architectures,
+        model_type=arch_info.expected_model_type,
+        tagalong_files=arch_info.tagalong_files,
+        vocab_size_config_key=arch_info.vocab_size_config_key,
+    )
+
+
+def install_checkpoint_fit() -> bool:
+    """Fit mergekit's architecture definitions to the checkpoints (the section above):
+    ``mergekit.architecture.get_architecture_info`` and the name ``mergekit.merge`` took."""
+    import sys
+
+    import mergekit.architecture as architecture
+
+    def wrap(original):
+        def get_architecture_info(config, options):
+            arch_info = original(config, options)
+            missing = missing_tensors(config, arch_info, trust_remote_code=options.trust_remote_code)
+            skip = {name for name, _, skippable in missing if skippable}
+            extra = tuple(unlisted_tensors(config, arch_info, options.trust_remote_code))
+            if len(arch_info.modules) != 1:
+                extra = ()
+            return fitted_architecture(arch_info, skip, extra) if skip or extra else arch_info
+
+        return get_architecture_info
+
+    installed = _install(architecture, "get_architecture_info", wrap)
+    merge = sys.modules.get("mergekit.merge")
+    if installed and merge is not None and hasattr(merge, "get_architecture_info"):
+        merge.get_architecture_info = architecture.get_architecture_info
+    return installed
+
+
+def checkpoint_gaps(config, trust_remote_code: bool = False):
+    """For `check`: ``(missing_tensors, unlisted_tensors, addable)`` against mergekit's own
+    (unfitted) definition of the recipe's architecture; empty when mergekit cannot tell
+    the architecture without more (a hub model offline, mixed architectures: the run
+    reports those). ``addable``: unlisted tensors can be added to the definition (one
+    module); otherwise the output would lack them."""
+    import mergekit.architecture as architecture
+    from mergekit.options import MergeOptions
+
+    original = getattr(architecture.get_architecture_info, "__wrapped__", architecture.get_architecture_info)
+    try:
+        arch_info = original(config, MergeOptions(trust_remote_code=trust_remote_code))
+        missing = missing_tensors(config, arch_info, trust_remote_code=trust_remote_code)
+        extra = unlisted_tensors(config, arch_info, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - not decidable before the run; mergekit says why then
+        return [], [], True
+    return missing, extra, len(arch_info.modules) == 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 from mergekit_lox.check.documents import check_cycles, load_documents, split_documents
 from mergekit_lox.check.files import (
     VOCABULARY_MISMATCH,
+    check_architecture_fit,
     check_layer_counts,
     check_references,
     check_shapes,
@@ -93,6 +94,8 @@ def check_text(text: str, recipe: str = "recipe") -> Report:
         check_vocabularies(report, doc)
         check_shapes(report, doc)
         check_layer_counts(report, doc)
+        if report.ok:
+            check_architecture_fit(report, doc)
         if method is None:
             continue
         check_parameters(report, doc, method)

@@ -267,3 +267,58 @@ def check_shapes(report: Report, doc: Document) -> None:
                     f"but {shapes[name]} in {path}{more}: these models do not share an architecture",
                 )
             )
+
+
+def check_architecture_fit(report: Report, doc: Document) -> None:
+    """Tensors mergekit's definition of the architecture requires that no input stores
+    (mergekit stops on the first with "Tensor ... required but not present" after loading
+    everything): a tensor the model does not need (a buffer no longer saved, an optional
+    norm, a head tied to the embeddings) is a note, merged without it
+    (mergekit_compat.install_checkpoint_fit); one the model needs is an error."""
+    from mergekit_lox.mergekit_compat import checkpoint_gaps
+
+    gaps, unlisted, addable = checkpoint_gaps(doc.config)
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f" (and {len(unlisted) - 3} more)" if len(unlisted) > 3 else "")
+        if addable:
+            report.notes.append(
+                Problem(
+                    doc.label,
+                    "models",
+                    f"the checkpoints store {shown}, which mergekit's definition of this architecture does not list: "
+                    "merged as further tensors, so that the output is whole",
+                )
+            )
+        else:
+            report.problems.append(
+                Problem(
+                    doc.label,
+                    "models",
+                    f"the checkpoints store {shown}, which mergekit's definition of this architecture does not list: "
+                    "the output would lack them; this architecture is not supported by mergekit 0.1.5",
+                )
+            )
+            return
+    skipped = [name for name, _, skippable in gaps if skippable]
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else "")
+        report.notes.append(
+            Problem(
+                doc.label,
+                "models",
+                f"mergekit's definition of this architecture lists {shown}, which the checkpoints do not store and "
+                "the model does not use (or ties to another tensor): merged without them",
+            )
+        )
+    for name, model, skippable in gaps:
+        if not skippable:
+            report.problems.append(
+                Problem(
+                    doc.label,
+                    "models",
+                    f"tensor {name}, which mergekit's definition of this architecture requires, is missing from "
+                    f"{model}: the checkpoint is incomplete, or saved by another version of its code; re-save it "
+                    "with transformers' save_pretrained (or repair the file) and check again",
+                )
+            )
+            return

@@ -73,8 +73,9 @@ def install(plan_module) -> None:
     """Called by the start-up hook once ``mergekit.plan`` has executed."""
     from mergekit.io import tasks
 
-    from mergekit_lox.mergekit_compat import install_output_check, install_plan_checks
+    from mergekit_lox.mergekit_compat import install_checkpoint_fit, install_output_check, install_plan_checks
     from mergekit_lox.methods.inputs import check_stored_output
 
     install_plan_checks(plan_module, check_planned_parameters, explain_invalid_parameter)
     install_output_check(tasks, check_stored_output)
+    install_checkpoint_fit()  # definitions that list tensors current checkpoints do not store
