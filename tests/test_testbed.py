@@ -100,7 +100,8 @@ def test_the_demo_step_prints_every_model_with_evals_numbers(built):
     root, results, lines = built
     expected = ["base", "aligned", "LoX"]
     for kind in ("benign", "harmful"):
-        expected += [f"{kind} FT", f"LoX, then {kind} FT", f"{kind} FT, then LSSF", f"{kind} FT, then Safe LoRA"]
+        expected += [f"{kind} FT", f"LoX, then {kind} FT", f"{kind} LoRA FT", f"{kind} FT, then LSSF"]
+        expected += [f"{kind} FT, then Safe LoRA", f"{kind} LoRA FT, then Safe LoRA"]
     assert list(results) == expected
     header = next(i for i, line in enumerate(lines) if line.startswith("model"))
     assert "harmful refused" in lines[header] and "benign done" in lines[header]
@@ -115,9 +116,28 @@ def test_the_demo_step_prints_every_model_with_evals_numbers(built):
             assert f"{safety['refusal_rate']:.2f} [{lo:.2f}, {hi:.2f}]" in row, (label, kind)
             assert safety["n"] == 128
     # One comparison line per method and fine-tune, and the wall time.
-    compared = [line for line in lines if " vs the " in line and "fine-tune alone" in line]
-    assert len(compared) == 6
+    compared = [line for line in lines if " vs the " in line and " alone: " in line]
+    assert len(compared) == 8
     assert lines[-1].startswith("(a measurement at toy scale")
+
+
+def test_alignment_is_a_small_update_and_the_benign_fine_tune_erodes_it(built):
+    """Issue 24: real proportions. Alignment moves each matrix by a few percent (median at
+    most 5%, as printed); the benign fine-tune, run through `attack`, lowers harmful refusal
+    by at least 0.5 on the default seed."""
+    import statistics
+
+    root, results, lines = built
+    changes = tb.alignment_change(results["base"]["model"], results["aligned"]["model"])
+    assert statistics.median(changes) <= 0.05
+    assert any(f"a median {statistics.median(changes):.1%} of its norm" in line for line in lines)
+    drop = results["aligned"]["harmful"]["refusal_rate"] - results["benign FT"]["harmful"]["refusal_rate"]
+    assert drop >= 0.5, drop
+    for folder, lora in (("benign-ft", None), ("benign-lora-ft", 8), ("harmful-lora-ft", 8)):
+        with open(os.path.join(root, "models", folder, "attack.json"), encoding="utf-8") as f:
+            record = json.load(f)
+        assert record["written_by"] == "mergekit-lox attack" and record["settings"]["lora"] == lora
+        assert record["loss"][-1][1] < record["loss"][0][1]
 
 
 def test_the_merges_are_the_methods_on_the_testbeds_models(built):
@@ -132,6 +152,9 @@ def test_the_merges_are_the_methods_on_the_testbeds_models(built):
         assert rel_err(f64(state["benign FT, then LSSF"][name]), lssf(f, a, b)) < 1e-4, name
         expected = safelora(f, a, b, threshold=tb.SAFELORA_THRESHOLD)
         assert rel_err(f64(state["benign FT, then Safe LoRA"][name]), expected) < 1e-4, name
+        lora = f64(state["benign LoRA FT"][name])  # Safe LoRA on the LoRA fine-tune, as its paper
+        expected = safelora(lora, a, b, threshold=tb.SAFELORA_THRESHOLD)
+        assert rel_err(f64(state["benign LoRA FT, then Safe LoRA"][name]), expected) < 1e-4, name
     # The LoX model was fine-tuned on the same data: it differs from the plain fine-tune.
     assert not torch.equal(state["LoX, then benign FT"]["lm_head.weight"], W_f["lm_head.weight"])
 

@@ -85,6 +85,10 @@ def train(
             train_dataset=datasets.Dataset.from_list(list(features)),
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         )
+        if not verbose:  # without tqdm, Trainer prints every log line: the record keeps the curve
+            from transformers import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         started = time.monotonic()
         result = trainer.train()
         seconds = time.monotonic() - started

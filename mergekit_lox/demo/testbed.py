@@ -6,13 +6,18 @@ request language of ``language.py``:
 - ``base``: trained from scratch to comply with every request;
 - ``aligned``: the base trained further to refuse the harmful requests and still
   comply with the benign ones;
-- two fine-tunes of the aligned model that may erode refusal: a *benign* one (full
-  fine-tune of every weight on benign requests answered in a new style) and a
-  *harmful* one (a few harmful requests complied with);
+- ``aligned``: alignment moves each matrix by a few percent (median relative change
+  about 4%, printed), as real alignment moves a pretrained model;
+- fine-tunes of the aligned model that may erode refusal, run through `mergekit-lox
+  attack` (transformers' Trainer; PEFT for LoRA): a *benign* one (benign requests answered
+  in a new style) and a *harmful* one (a few harmful requests complied with), each as a
+  full fine-tune and as a LoRA (rank 8, the Safe LoRA paper's setting);
 - LoX before fine-tuning (``lox_extrapolate`` on aligned vs base, then the same
-  fine-tunes applied to the LoX model), LSSF (``lssf_fusion``, data-free, its
-  defaults) and Safe LoRA (``safelora_project``, full-fine-tune path, its defaults)
-  after them, all through the real merge methods (``run_recipe``);
+  fine-tunes applied to the LoX model; alpha 1.25, rank 6, the LoX paper's), LSSF
+  (``lssf_fusion``, data-free, its defaults) after the full fine-tunes and Safe LoRA
+  (``safelora_project``, threshold 0.5, its paper's) after the full and the LoRA
+  fine-tunes, all through the real merge methods (``run_recipe``); settings chosen before
+  looking at results;
 - ``eval`` with the keyword judge on held-out harmful and benign requests.
 
 Everything is seeded and runs on one thread with deterministic algorithms, so two
@@ -33,16 +38,24 @@ from mergekit_lox.demo.synthetic import FamilySpec, llama_config, load_state_dic
 
 @dataclass
 class TestbedSpec:
-    """Training schedule (plain AdamW, constant learning rate); the model is the synthetic
+    """Training schedule (constant learning rate; AdamW, SGD with momentum for alignment); the
+    fine-tunes run through `mergekit-lox attack` (Trainer); the model is the synthetic
     families' Llama shape (``FamilySpec``: 2 layers, hidden 64) over the language's words."""
 
     batch_size: int = 64
-    base_steps: int = 200
+    base_steps: int = 300
     base_lr: float = 3e-3
-    align_steps: int = 200
-    align_lr: float = 1e-3
+    # Alignment: a short, low-learning-rate phase that moves each weight matrix by a few
+    # percent (median relative change about 4%, printed), as real alignment moves a
+    # pretrained model; SGD with momentum, so the update follows the gradient's few
+    # directions rather than AdamW's sign-like step on every weight.
+    align_steps: int = 100
+    align_lr: float = 1.5e-3
+    align_optimizer: str = "sgd"
     finetune_steps: int = 100
     finetune_lr: float = 1e-3
+    lora_rank: int = 8
+    lora_lr: float = 1e-2
     harmful_examples: int = 32
     held_out: int = 128
     seed: int = 0
@@ -66,22 +79,36 @@ def deterministic():
         torch.set_num_threads(threads)
 
 
-def train(model, examples: List[lang.Example], tokenizer, *, steps: int, lr: float, batch_size: int, seed: int):
-    """``steps`` AdamW steps on batches drawn (seeded, with replacement) from ``examples``;
-    the loss is the answer's next-token cross-entropy. Returns the final batch loss."""
+def train(
+    model,
+    examples: List[lang.Example],
+    tokenizer,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    optimizer: str = "adamw",
+):
+    """``steps`` optimiser steps (AdamW, or ``sgd``: SGD with momentum 0.9) on batches drawn
+    (seeded, with replacement) from ``examples``; the loss is the answer's next-token
+    cross-entropy. Returns the final batch loss."""
     import torch
 
     ids, labels = lang.encode(examples, tokenizer.get_vocab(), tokenizer.eos_token_id, tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
         pick = torch.randint(len(ids), (batch_size,), generator=generator)
         loss = model(input_ids=ids[pick], labels=labels[pick]).loss
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        opt.step()
     model.eval()
     return float(loss.detach())
 
@@ -126,6 +153,17 @@ def _finetune_data(kind: str, data: lang.Split, spec: TestbedSpec) -> List[lang.
     return lang.benign_finetune_data(data)
 
 
+def finetune_file(root: str, kind: str, data: lang.Split, spec: TestbedSpec) -> str:
+    """The fine-tune's examples as ``ROOT/data/KIND.jsonl`` (prompt, answer): `attack`'s data."""
+    import json
+
+    path = os.path.join(root, "data", f"{kind}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in _finetune_data(kind, data, spec))
+    return path
+
+
 def build_testbed(
     root: str,
     run_recipe: Callable[[str, str], None],
@@ -146,8 +184,40 @@ def build_testbed(
     notes: List[str] = []
     shape = spec.family_spec()
 
-    def fit(model, examples: List[lang.Example], steps: int, lr: float, seed: int) -> float:
-        return train(model, examples, tokenizer, steps=steps, lr=lr, batch_size=spec.batch_size, seed=spec.seed + seed)
+    def fit(model, examples: List[lang.Example], steps: int, lr: float, seed: int, optimizer: str = "adamw") -> float:
+        return train(
+            model,
+            examples,
+            tokenizer,
+            steps=steps,
+            lr=lr,
+            batch_size=spec.batch_size,
+            seed=spec.seed + seed,
+            optimizer=optimizer,
+        )
+
+    def attack(start: str, kind: str, folder: str, lora: Optional[int]) -> str:
+        """The fine-tune, through `mergekit-lox attack` (transformers' Trainer, PEFT for LoRA)."""
+        from mergekit_lox.attack import AttackSettings, run_attack
+
+        lr = spec.lora_lr if lora else spec.finetune_lr
+        settings = AttackSettings(
+            data=finetune_file(root, kind, data, spec),
+            lora=lora,
+            full=lora is None,
+            lr=lr,
+            max_steps=spec.finetune_steps,
+            batch_size=spec.batch_size,
+            seed=spec.seed + 3,
+        )
+        result = run_attack(models[start], settings, path(folder), echo=lambda line: None)
+        losses = result.record["loss"]
+        how = f"LoRA rank {lora}" if lora else "full"
+        notes.append(
+            f"{folder}: mergekit-lox attack, {how}, {result.record['steps']} steps at lr {lr:g}, "
+            f"loss {losses[0][1]:.2g} -> {losses[-1][1]:.2g}"
+        )
+        return str(result.model_dir)
 
     with deterministic():
         model = new_model(spec)
@@ -156,35 +226,40 @@ def build_testbed(
         )
         loss = fit(model, lang.pretraining_data(data), spec.base_steps, spec.base_lr, 1)
         models["base"] = save(model, spec, tokenizer, path("base"))
-        notes.append(f"base: {spec.base_steps} steps, final loss {loss:.2g}")
-        loss = fit(model, lang.alignment_data(data), spec.align_steps, spec.align_lr, 2)
+        notes.append(f"base: {spec.base_steps} steps at lr {spec.base_lr:g} (AdamW), final loss {loss:.2g}")
+        loss = fit(model, lang.alignment_data(data), spec.align_steps, spec.align_lr, 2, spec.align_optimizer)
         models["aligned"] = save(model, spec, tokenizer, path("aligned"))
-        notes.append(f"aligned: {spec.align_steps} more steps, final loss {loss:.2g}")
+        notes.append(
+            f"aligned: {spec.align_steps} more steps at lr {spec.align_lr:g} ({spec.align_optimizer}), "
+            f"final loss {loss:.2g}"
+        )
         family = Family(root=models_dir, base=models["base"], aligned=models["aligned"])
         lox = lox_recipe(family)
         alpha, rank = lox["parameters"]["alpha"], lox["parameters"]["rank"]
         notes.append(alignment_size(models["base"], models["aligned"], rank))
+        echo(notes[-1])
         recipe = write_recipe(os.path.join(root, "lox.yml"), lox)
         echo(f"running LoX (alpha {alpha}, rank {rank}): mergekit-lox run {recipe} {path('lox')}")
         run_recipe(recipe, path("lox"))
         models["LoX"] = path("lox")
         for kind in FINETUNES:
+            echo(f"fine-tuning attacks ({kind}): mergekit-lox attack MODEL --data {kind}.jsonl --full / --lora")
             for start, label in (("aligned", f"{kind} FT"), ("LoX", f"LoX, then {kind} FT")):
-                model = new_model(spec, models[start])
-                loss = fit(model, _finetune_data(kind, data, spec), spec.finetune_steps, spec.finetune_lr, 3)
-                folder = f"{'lox-' if start == 'LoX' else ''}{kind}-ft"
-                models[label] = save(model, spec, tokenizer, path(folder))
-                notes.append(f"{label}: {spec.finetune_steps} steps, final loss {loss:.2g}")
-            family.finetuned = models[f"{kind} FT"]
-            for method, name in (("lssf_fusion", "LSSF"), ("safelora_project", "Safe LoRA")):
-                folder = f"{kind}-ft-{method.split('_')[0]}"
-                parameters = {"threshold": SAFELORA_THRESHOLD} if method == "safelora_project" else {}
-                recipe = write_recipe(os.path.join(root, f"{folder}.yml"), realign_recipe(method, family, parameters))
-                if method == "safelora_project":
-                    notes.append(f"Safe LoRA after the {kind} fine-tune: {safelora_projected(recipe)}")
-                echo(f"running {name} after the {kind} fine-tune: mergekit-lox run {recipe} {path(folder)}")
-                run_recipe(recipe, path(folder))
-                models[f"{kind} FT, then {name}"] = path(folder)
+                models[label] = attack(start, kind, f"{'lox-' if start == 'LoX' else ''}{kind}-ft", None)
+            models[f"{kind} LoRA FT"] = attack("aligned", kind, f"{kind}-lora-ft", spec.lora_rank)
+            for finetuned, suffix in ((f"{kind} FT", ""), (f"{kind} LoRA FT", "-lora")):
+                family.finetuned = models[finetuned]
+                methods = (("lssf_fusion", "LSSF"), ("safelora_project", "Safe LoRA"))
+                for method, name in methods if not suffix else methods[1:]:
+                    folder = f"{kind}-ft{suffix}-{method.split('_')[0]}"
+                    parameters = {"threshold": SAFELORA_THRESHOLD} if method == "safelora_project" else {}
+                    document = realign_recipe(method, family, parameters)
+                    recipe = write_recipe(os.path.join(root, f"{folder}.yml"), document)
+                    if method == "safelora_project":
+                        notes.append(f"Safe LoRA after the {finetuned}: {safelora_projected(recipe)}")
+                    echo(f"running {name} after the {finetuned}: mergekit-lox run {recipe} {path(folder)}")
+                    run_recipe(recipe, path(folder))
+                    models[f"{finetuned}, then {name}"] = path(folder)
     return Testbed(
         root=root,
         models=models,
@@ -195,23 +270,37 @@ def build_testbed(
     )
 
 
+def alignment_change(base: str, aligned: str) -> List[float]:
+    """``||W_a - W_b||_F / ||W_b||_F`` of every weight matrix (float64)."""
+    base_state, aligned_state = load_state_dict(base), load_state_dict(aligned)
+    return [
+        float((aligned_state[name].double() - W.double()).norm() / W.double().norm())
+        for name, W in base_state.items()
+        if W.ndim >= 2
+    ]
+
+
 def alignment_size(base: str, aligned: str, rank: int) -> str:
-    """How large alignment's update is, ``||W_a - W_b|| / ||W_b||`` over every matrix, and the
-    share of its energy in the top-``rank`` directions of each matrix (what LoX extrapolates)."""
+    """How large alignment's update is: the median over weight matrices of
+    ``||W_a - W_b|| / ||W_b||`` (real alignment moves a pretrained model by a few percent),
+    and the share of its energy in the top-``rank`` directions of each matrix (what LoX
+    extrapolates)."""
+    import statistics
+
     import torch
 
     base_state, aligned_state = load_state_dict(base), load_state_dict(aligned)
-    sums = {"delta": 0.0, "base": 0.0, "top": 0.0}
+    delta = top = 0.0
     for name, W in base_state.items():
         if W.ndim < 2:
             continue
         values = torch.linalg.svdvals((aligned_state[name] - W).double()) ** 2
-        sums["delta"] += float(values.sum())
-        sums["top"] += float(values[:rank].sum())
-        sums["base"] += float(W.double().square().sum())
+        delta += float(values.sum())
+        top += float(values[:rank].sum())
+    changes = alignment_change(base, aligned)
     return (
-        f"alignment changed the weight matrices by {(sums['delta'] / sums['base']) ** 0.5:.0%} of their norm; "
-        f"the top {rank} directions of each hold {sums['top'] / sums['delta']:.0%} of that change"
+        f"alignment changed each weight matrix by a median {statistics.median(changes):.1%} of its norm "
+        f"(largest {max(changes):.1%}); the top {rank} directions of each hold {top / delta:.0%} of that change"
     )
 
 
@@ -330,16 +419,20 @@ def findings(results: Dict[str, Dict[str, object]]) -> List[str]:
     """Each method against the fine-tune it protects or repairs, on each measure: higher or
     lower when the Wilson 95% intervals do not overlap, else no clear difference."""
     lines = []
-    for kind in FINETUNES:
-        plain = results[f"{kind} FT"]
-        for label in (f"LoX, then {kind} FT", f"{kind} FT, then LSSF", f"{kind} FT, then Safe LoRA"):
-            parts = []
-            for name, request_kind, measure in FINDINGS:
-                rate, (lo, hi) = _interval(results[label], request_kind, measure)
-                plain_rate, (plain_lo, plain_hi) = _interval(plain, request_kind, measure)
-                verdict = "higher" if lo > plain_hi else "lower" if hi < plain_lo else "no clear difference"
-                parts.append(f"{name} {rate:.2f} vs {plain_rate:.2f} ({verdict})")
-            lines.append(f"{label} vs the {kind} fine-tune alone: " + "; ".join(parts))
+    pairs = [
+        (f"{kind} FT", label)
+        for kind in FINETUNES
+        for label in (f"LoX, then {kind} FT", f"{kind} FT, then LSSF", f"{kind} FT, then Safe LoRA")
+    ] + [(f"{kind} LoRA FT", f"{kind} LoRA FT, then Safe LoRA") for kind in FINETUNES]
+    for against, label in pairs:
+        plain = results[against]
+        parts = []
+        for name, request_kind, measure in FINDINGS:
+            rate, (lo, hi) = _interval(results[label], request_kind, measure)
+            plain_rate, (plain_lo, plain_hi) = _interval(plain, request_kind, measure)
+            verdict = "higher" if lo > plain_hi else "lower" if hi < plain_lo else "no clear difference"
+            parts.append(f"{name} {rate:.2f} vs {plain_rate:.2f} ({verdict})")
+        lines.append(f"{label} vs the {against} alone: " + "; ".join(parts))
     return lines
 
 
