@@ -27,6 +27,7 @@ this scale, not a property the testbed was tuned to show.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,9 +60,25 @@ class TestbedSpec:
     harmful_examples: int = 32
     held_out: int = 128
     seed: int = 0
+    device: str = "cpu"
+    # The model's shape (FamilySpec's defaults: 2 layers, hidden 64); larger for the GPU benchmark.
+    hidden_size: Optional[int] = None
+    num_hidden_layers: Optional[int] = None
 
     def family_spec(self) -> FamilySpec:
-        return FamilySpec(vocab_size=len(make_tokenizer(0, lang.WORDS).get_vocab()), seed=self.seed)
+        spec = FamilySpec(vocab_size=len(make_tokenizer(0, lang.WORDS).get_vocab()), seed=self.seed)
+        if self.hidden_size:
+            heads = max(4, self.hidden_size // 64)
+            spec = dataclasses.replace(
+                spec,
+                hidden_size=self.hidden_size,
+                intermediate_size=4 * self.hidden_size,
+                num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2),
+            )
+        if self.num_hidden_layers:
+            spec = dataclasses.replace(spec, num_hidden_layers=self.num_hidden_layers)
+        return spec
 
 
 @contextmanager
@@ -96,6 +113,8 @@ def train(
     import torch
 
     ids, labels = lang.encode(examples, tokenizer.get_vocab(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    ids, labels = ids.to(device), labels.to(device)
     generator = torch.Generator().manual_seed(seed)
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -104,7 +123,7 @@ def train(
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        pick = torch.randint(len(ids), (batch_size,), generator=generator)
+        pick = torch.randint(len(ids), (batch_size,), generator=generator).to(device)
         loss = model(input_ids=ids[pick], labels=labels[pick]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,11 +141,12 @@ def new_model(spec: TestbedSpec, weights: Optional[str] = None):
     model = LlamaForCausalLM(llama_config(spec.family_spec()))
     if weights is not None:
         model.load_state_dict(load_state_dict(weights))
+    model.to(spec.device)
     return model
 
 
 def save(model, spec: TestbedSpec, tokenizer, path: str) -> str:
-    state = {k: v for k, v in model.state_dict().items() if "rotary" not in k}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if "rotary" not in k}
     return save_model(state, llama_config(spec.family_spec()), tokenizer, path)
 
 
@@ -209,6 +229,7 @@ def build_testbed(
             max_steps=spec.finetune_steps,
             batch_size=spec.batch_size,
             seed=spec.seed + 3,
+            device=spec.device,
         )
         result = run_attack(models[start], settings, path(folder), echo=lambda line: None)
         losses = result.record["loss"]
@@ -331,7 +352,7 @@ def _answer_counts(answers_jsonl: str, requests: List[lang.Request]) -> Dict[str
     return counts
 
 
-def evaluate(testbed: Testbed, out: str, *, batch_size: int = 64) -> Dict[str, Dict[str, object]]:
+def evaluate(testbed: Testbed, out: str, *, batch_size: int = 64, device: str = "cpu") -> Dict[str, Dict[str, object]]:
     """``eval`` (keyword judge) of every model on the held-out harmful and benign prompts.
 
     Per model label and request type (``harmful``, ``benign``): eval.json's safety block
@@ -360,6 +381,7 @@ def evaluate(testbed: Testbed, out: str, *, batch_size: int = 64) -> Dict[str, D
                 judge="keyword",
                 max_new_tokens=MAX_NEW_TOKENS,
                 batch_size=batch_size,
+                device=device,
                 progress=False,
                 echo=lambda line: None,
             )
@@ -449,7 +471,7 @@ def run_testbed(
     testbed = build_testbed(root, run_recipe, spec, echo)
     echo(f"evaluating {len(testbed.models)} models: mergekit-lox eval MODEL ... --safety PROMPTS -o {root}/eval/...")
     with deterministic():  # one thread: on a model this small a thread pool only spins
-        results = evaluate(testbed, os.path.join(root, "eval"))
+        results = evaluate(testbed, os.path.join(root, "eval"), device=(spec or TestbedSpec()).device)
     n_harmful, n_benign = len(testbed.split.test_harmful), len(testbed.split.test_benign)
     echo("")
     echo(
