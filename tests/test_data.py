@@ -168,3 +168,23 @@ def test_a_tokenizer_that_loses_most_words_is_warned_about(tiny_lm):
     # Words outside the word-level vocabulary become <unk>: 5 of 6 lost.
     check_tokenizer(tokenizer, ["how to make", "w4 cake now"], "model m", warnings.append)
     assert len(warnings) == 1 and "model m: tokenizer" in warnings[0] and "loses 5 of 6 words" in warnings[0]
+
+
+def test_generation_stops_at_the_models_context(tmp_path):
+    """Issue 26: lssf-calibrate's 128 new tokens ran past a short position table
+    (`index out of range in self`); generation is capped there, and a prompt that fills
+    the context is one error naming the prompts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=2, n_positions=12, bos_token_id=1, eos_token_id=2)
+    path = str(tmp_path / "gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    make_tokenizer(96).save_pretrained(path)
+    model, tokenizer = load_causal_lm(path)
+    [answer] = generate(model, tokenizer, ["w1 w2 w3 w4"], max_new_tokens=128, what="model m")
+    assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 12 - 4  # no IndexError, capped
+    with pytest.raises(
+        ModelLoadError, match=r"model m: prompts 0 to 0 take 12 tokens, the model's whole context \(12\)"
+    ):
+        generate(model, tokenizer, [" ".join(f"w{i}" for i in range(12))], max_new_tokens=4, what="model m")

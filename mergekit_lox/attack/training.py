@@ -12,12 +12,10 @@ MAX_LENGTH = 1024
 
 
 def context_length(model) -> int:
-    config = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return min(MAX_LENGTH, value)
-    return MAX_LENGTH
+    """The longest example trained on: MAX_LENGTH, or the model's position table if shorter."""
+    from mergekit_lox.data.generation import context_length as positions
+
+    return min(MAX_LENGTH, positions(model) or MAX_LENGTH)
 
 
 class AttackTrainingError(ValueError):

@@ -189,8 +189,12 @@ def calibrate(
         prompts, samples=samples, column=column, response_column=response_column, split=split
     )
     model, tokenizer = load_causal_lm(aligned, device=device, dtype=dtype, what="aligned model")
-    # Before any compute: a tokenizer that encodes a query to nothing is named here.
+    # Before any compute: a tokenizer that encodes a query to nothing is named here, and a
+    # model with nothing to calibrate is refused before its answers are generated.
     check_tokenizer(tokenizer, queries, f"aligned model {aligned}", echo)
+    layers = linear_layers(model, checkpoint_names(model_dir))
+    if not layers:
+        raise CalibrationError(f"aligned model {aligned}: no linear layer whose weight is stored under its own name")
     if responses is None:
         echo(f"generating the aligned model's responses to {len(queries)} queries")
         responses = generate(
@@ -204,9 +208,6 @@ def calibrate(
             warn=lambda line: None,  # check_tokenizer above has warned already
         )
     texts = [chat_text(tokenizer, q, r) for q, r in zip(queries, responses, strict=True)]
-    layers = linear_layers(model, checkpoint_names(model_dir))
-    if not layers:
-        raise CalibrationError(f"aligned model {aligned}: no linear layer whose weight is stored under its own name")
     with GramAccumulator(model, layers, normalization) as accumulator:
         _forward_batches(model, tokenizer, texts, batch_size, accumulator, progress)
     tokens = accumulator.layers[0].tokens

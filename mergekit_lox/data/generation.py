@@ -102,6 +102,16 @@ def check_tokenizer(tokenizer, prompts: Sequence[str], what: str, warn: Callable
         )
 
 
+def context_length(model) -> Optional[int]:
+    """The longest sequence the model's position table holds (None: no such limit known)."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def chat_text(tokenizer, prompt: str, response: Optional[str] = None) -> str:
     """``prompt`` as the model sees it: the tokenizer's chat template when it has one
     (with the generation prompt, or followed by ``response``), else the prompt itself."""
@@ -143,16 +153,27 @@ def generate(
 
         batches = tqdm(batches, desc="generating", unit="batch")
     device = next(model.parameters()).device
+    context = context_length(model)
     for start in batches:
         chunk = list(prompts[start : start + batch_size])
         texts = [chat_text(tokenizer, p) for p in chunk]
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not tokenizer.chat_template)
         encoded = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+        new_tokens_here = max_new_tokens
+        if context is not None:
+            # Never past the position table (transformers fails there with "index out of range").
+            room = context - encoded["input_ids"].shape[1]
+            if room < 1:
+                raise ModelLoadError(
+                    f"{what}: prompts {start} to {start + len(chunk) - 1} take {encoded['input_ids'].shape[1]} tokens, "
+                    f"the model's whole context ({context}): shorten them"
+                )
+            new_tokens_here = min(max_new_tokens, room)
         try:
             with torch.no_grad():
                 output = model.generate(
                     **encoded,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=new_tokens_here,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                 )
