@@ -200,7 +200,11 @@ def eval_models(
         "rules",
         "--judge",
         help="'rules' (default: refusal openings and declines), 'keyword' (the papers' GCG markers), 'xstest' "
-        "(XSTest's string match), or a guard model / classifier path or id.",
+        "(XSTest's string match), harmbench:M / wildguard:M / strongreject:M / qi-harmfulness:M (the field's "
+        "judges), or a guard model / classifier path or id.",
+    ),
+    judge_url: Optional[str] = typer.Option(
+        None, "--judge-url", help="OpenAI-compatible endpoint for a NAME:MODEL judge (key: MERGEKIT_LOX_JUDGE_KEY)."
     ),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Answer length, tokens (greedy)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generation batch."),
@@ -219,7 +223,7 @@ def eval_models(
         models, out, safety=safety, column=column, split=split, limit=limit, utility=utility,
         utility_column=utility_column, lm_eval_tasks=tasks, judge=judge, max_new_tokens=max_new_tokens,
         batch_size=batch_size, device=device, seed=seed, echo=echo, cache_dir=cache_dir, utility_split=utility_split,
-        over_refusal=over_refusal,
+        over_refusal=over_refusal, judge_url=judge_url,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(report, indent=1))
@@ -465,7 +469,12 @@ def lssf_calibrate(
 def judge_answers(
     answers: str = typer.Argument(..., help="answers.jsonl from eval, or a JSONL/CSV/parquet file of answers."),
     out: str = typer.Option(..., "-o", "--out", help="Folder for judged.jsonl and judge.json."),
-    judge: str = typer.Option("rules", "--judge", help="rules (default), keyword, xstest, or a guard model."),
+    judge: str = typer.Option(
+        "rules", "--judge", help="rules (default), keyword, xstest, NAME:MODEL (harmbench, wildguard, ...), a guard."
+    ),
+    judge_url: Optional[str] = typer.Option(
+        None, "--judge-url", help="OpenAI-compatible endpoint for a NAME:MODEL judge (key: MERGEKIT_LOX_JUDGE_KEY)."
+    ),
     label_column: Optional[str] = typer.Option(
         None, "--label-column", help="Human labels to measure the judge against (default: final_label or label)."
     ),
@@ -481,7 +490,7 @@ def judge_answers(
 
     judge_file(
         answers, out, judge=judge, label_column=label_column, prompt_column=prompt_column,
-        answer_column=answer_column, device=device, batch_size=batch_size, echo=typer.echo,
+        answer_column=answer_column, device=device, batch_size=batch_size, echo=typer.echo, judge_url=judge_url,
     )  # fmt: skip
     typer.echo(f"wrote {out}/judged.jsonl and {out}/judge.json")
 

@@ -154,6 +154,7 @@ def run_eval(
     cache_dir: Optional[str] = None,
     utility_split: str = "train",
     over_refusal: Optional[str] = None,
+    judge_url: Optional[str] = None,
 ) -> dict:
     """Evaluate ``models`` and write DIR/eval.json, answers.jsonl, report.html; returns eval.json's content."""
     from mergekit_lox.data.generation import resolve_device
@@ -186,7 +187,8 @@ def run_eval(
             import lm_eval  # noqa: F401 - fail before generating, not after
         except ImportError:
             raise UtilityError(LM_EVAL_MISSING) from None
-    load_judge = prepare_judge(judge, device=device, batch_size=batch_size)  # checked before any generation
+    # checked before any generation
+    load_judge = prepare_judge(judge, device=device, batch_size=batch_size, judge_url=judge_url)
     cache_dir = cache_dir or os.path.join(out_dir, "cache")  # created by the first answers
 
     answers: Dict[str, List[str]] = {}

@@ -82,6 +82,7 @@ def judge_file(
     device: str = "cpu",
     batch_size: int = 8,
     echo: Callable[[str], None] = print,
+    judge_url: Optional[str] = None,
 ) -> dict:
     """Judge the answers in ``answers`` and write DIR/judged.jsonl and DIR/judge.json."""
     from mergekit_lox.data.prompts import DataError, load_rows
@@ -111,7 +112,7 @@ def judge_file(
             if name in columns and all(_label(r.get(name)) for r in rows):
                 label_column, labels = name, [_label(r.get(name)) for r in rows]
                 break
-    the_judge = prepare_judge(judge, device=device, batch_size=batch_size)()
+    the_judge = prepare_judge(judge, device=device, batch_size=batch_size, judge_url=judge_url)()
     verdicts = the_judge.judge([str(r.get(prompt) or "") for r in rows], [str(r.get(answer) or "") for r in rows])
     report: Dict[str, object] = {
         "input": os.path.abspath(answers),

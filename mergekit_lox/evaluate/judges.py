@@ -151,11 +151,20 @@ RULE_JUDGES = {"rules": rules_judge, "keyword": keyword_judge, "xstest": xstest_
 DEFAULT_JUDGE = "rules"
 
 
-def prepare_judge(spec: str, *, device: str = "cpu", batch_size: int = 8) -> Callable[[], Judge]:
+def prepare_judge(
+    spec: str, *, device: str = "cpu", batch_size: int = 8, judge_url: Optional[str] = None
+) -> Callable[[], Judge]:
     """Check ``spec`` cheaply (config, labels, chat template: before any answer is generated)
-    and return the loader of the judge (its weights are loaded only when called)."""
+    and return the loader of the judge (its weights are loaded only when called).
+    ``NAME:MODEL`` is one of the field's judges (field_judges.py), locally or at ``judge_url``."""
     if spec in RULE_JUDGES:
         return RULE_JUDGES[spec]
+    from mergekit_lox.evaluate.field_judges import FIELD_JUDGES, field_judge, is_field_judge
+
+    if is_field_judge(spec):
+        return lambda: Judge(*field_judge(spec, judge_url=judge_url, device=device, batch_size=batch_size))
+    if judge_url:
+        raise JudgeError(f"--judge-url needs a rubric or guard judge NAME:MODEL ({', '.join(FIELD_JUDGES)})")
     from transformers import AutoConfig, AutoTokenizer
 
     from mergekit_lox.data.generation import ModelLoadError, resolve_device
@@ -185,9 +194,9 @@ def prepare_judge(spec: str, *, device: str = "cpu", batch_size: int = 8) -> Cal
     return lambda: _guard_judge(spec, device, batch_size)
 
 
-def load_judge(spec: str, *, device: str = "cpu", batch_size: int = 8) -> Judge:
+def load_judge(spec: str, *, device: str = "cpu", batch_size: int = 8, judge_url: Optional[str] = None) -> Judge:
     """``rules``, ``keyword``, ``xstest`` or a guard model / classifier by local path or hub id."""
-    return prepare_judge(spec, device=device, batch_size=batch_size)()
+    return prepare_judge(spec, device=device, batch_size=batch_size, judge_url=judge_url)()
 
 
 def _label_mapping(spec: str, config) -> Dict[int, Tuple[str, str]]:
