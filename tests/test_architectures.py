@@ -80,6 +80,14 @@ def build(name: str, root) -> dict:
                 u, v = torch.randn(*stack, m, 4, generator=g), torch.randn(*stack, 4, n, generator=g)
                 parameter.add_(0.05 * (u @ v) / 4)
     model.save_pretrained(paths["aligned"])
+    paths["finetuned"] = str(root / "finetuned")
+    with torch.no_grad():  # a fine-tuning update of its own, also rank 4 per matrix
+        for parameter in model.parameters():
+            if parameter.ndim >= 2:
+                *stack, m, n = parameter.shape
+                u, v = torch.randn(*stack, m, 4, generator=g), torch.randn(*stack, 4, n, generator=g)
+                parameter.add_(0.05 * (u @ v) / 4)
+    model.save_pretrained(paths["finetuned"])
     return paths
 
 
@@ -154,3 +162,44 @@ def test_check_says_which_definition_tensors_are_left_out(name, tmp_path, capsys
     paths = build(name, tmp_path)
     code, out, _ = run_cli(["check", recipe(paths, tmp_path)], capsys)
     assert code == 0 and "which the checkpoints do not store and the model does not use" in out
+
+
+REALIGN = ["gpt-neox", "falcon-7b", "falcon-40b-tied", "cohere", "mixtral", "qwen3-moe", "gpt2", "gemma2"]
+
+
+@pytest.mark.parametrize("name", REALIGN)
+def test_lssf_and_safelora_run_and_match_float64(name, tmp_path, capsys):
+    """The realignment methods on the fixed and the MoE architectures (rank and threshold away
+    from any boundary: LSSF rank 4, the planted rank; Safe LoRA threshold 2, every tensor)."""
+    from transformers import AutoModelForCausalLM
+
+    paths = build(name, tmp_path)
+    states = {
+        k: {**load_state_dict(paths[k]), **AutoModelForCausalLM.from_pretrained(paths[k]).state_dict()}
+        for k in ("base", "aligned", "finetuned")
+    }
+    for method, parameters, expected in (
+        ("lssf_fusion", {"rank": 4, "svd": "exact"}, lambda f, a, b: ref.lssf(f, a, b, rank=4)),
+        ("safelora_project", {"threshold": 2.0}, lambda f, a, b: ref.safelora(f, a, b, threshold=2.0)),
+    ):
+        document = {
+            "merge_method": method,
+            "base_model": paths["base"],
+            "models": [
+                {"model": paths["aligned"], "parameters": {"role": "aligned"}},
+                {"model": paths["finetuned"], "parameters": {"role": "finetuned"}},
+            ],
+            "parameters": parameters,
+            "dtype": "float32",
+        }
+        source = tmp_path / f"{method}.yml"
+        source.write_text(yaml.safe_dump(document))
+        out = tmp_path / method
+        code, _, err = run_cli(["run", str(source), str(out), "--quiet"], capsys)
+        assert code == 0, err
+        merged = load_state_dict(str(out))
+        b, a, f = states["base"], states["aligned"], states["finetuned"]
+        worst = max(
+            ref.rel_err(ref.f64(merged[n]), expected(ref.f64(f[n]), ref.f64(a[n]), ref.f64(b[n]))) for n in merged
+        )
+        assert worst < 1e-5, (method, worst)
