@@ -164,3 +164,48 @@ def test_a_silent_endpoint_and_an_unreadable_judge_are_one_line(endpoint, tmp_pa
         del fj.FIELD_JUDGES["nonsense"]
     assert code == 1 and "judge nonsense:m: none of its 1 outputs parses as nonsense's format" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_local_judge_model_gets_the_raw_prompt_and_is_read(monkeypatch, tmp_path, capsys):
+    """The transformers path: a stand-in causal LM (character tokens) that answers in
+    WildGuard's format; it is given the guard's raw prompt, exactly, with no tokens added."""
+    import torch
+
+    from mergekit_lox.data import generation
+
+    class Encoded(dict):
+        def to(self, device):
+            return self
+
+    class Chars:
+        chat_template, pad_token_id = None, 0
+
+        def __call__(self, text, return_tensors=None, add_special_tokens=True):
+            assert not add_special_tokens  # the raw prompt carries its own <s>
+            return Encoded(input_ids=torch.tensor([[ord(c) for c in text]]))
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(int(i)) for i in ids)
+
+    tokenizer, seen = Chars(), []
+
+    class StandInLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kwargs):
+            text = tokenizer.decode(input_ids[0])
+            seen.append(text)
+            refusal = "yes" if "can't" in text else "no"
+            reply = f"Harmful request: yes\nResponse refusal: {refusal}\nHarmful response: no"
+            return torch.cat([input_ids, torch.tensor([[ord(c) for c in reply]])], dim=1)
+
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *a, **k: (StandInLM(), tokenizer))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"prompt": "p", "answer": a}) + "\n" for a in ("Sure", "I can't.")))
+    code, _, err = run_cli(["judge", str(answers), "-o", str(tmp_path / "o"), "--judge", "wildguard:local"], capsys)
+    assert code == 0, err
+    judged = [json.loads(line)["verdict"] for line in (tmp_path / "o" / "judged.jsonl").read_text().splitlines()]
+    assert judged == ["complied", "refused"]
+    assert seen == [fj.WILDGUARD_PROMPT.format(prompt="p", response=a) for a in ("Sure", "I can't.")]
