@@ -17,17 +17,6 @@ class AttackDataError(ValueError):
     """Attack data that cannot be used; the message names the source and the option."""
 
 
-def _column(columns: Sequence[str], given: Optional[str], known: Sequence[str], source: str, option: str) -> str:
-    if given is not None:
-        if given not in columns:
-            raise AttackDataError(f"{source}: no column {given!r} ({option}); its columns are {', '.join(columns)}")
-        return given
-    for candidate in known:
-        if candidate in columns:
-            return candidate
-    raise AttackDataError(f"{source}: which column holds the {option[2:].split('-')[0]}s? give {option}")
-
-
 def load_examples(
     source: str,
     *,
@@ -39,18 +28,18 @@ def load_examples(
     """The (prompt, answer) pairs of ``source``, in order (the first ``limit``); a row with an
     empty prompt or answer is skipped. AdvBench's ``goal,target`` file is a harmful-compliance
     set as it is (``target`` is the compliant opening the attack trains on)."""
-    from mergekit_lox.data.prompts import DataError, load_rows
+    from mergekit_lox.data.prompts import DataError, load_rows, pick_column
 
     if limit is not None and limit < 1:
         raise AttackDataError(f"--limit must be at least 1, got {limit}")
     try:
         rows, columns = load_rows(source, split=split)
+        if not rows:
+            raise AttackDataError(f"{source}: no rows: an attack needs examples")
+        prompt = pick_column(columns, prompt_column, source, "--prompt-column", PROMPT_COLUMNS)
+        answer = pick_column(columns, answer_column, source, "--answer-column", ANSWER_COLUMNS, "answers")
     except DataError as error:
         raise AttackDataError(str(error)) from None
-    if not rows:
-        raise AttackDataError(f"{source}: no rows: an attack needs examples")
-    prompt = _column(columns, prompt_column, PROMPT_COLUMNS, source, "--prompt-column")
-    answer = _column(columns, answer_column, ANSWER_COLUMNS, source, "--answer-column")
     pairs = []
     for row in rows:
         p, a = row.get(prompt), row.get(answer)

@@ -142,20 +142,28 @@ def load_rows(source: str, *, split: str = "train") -> Tuple[List[Dict], List[st
     )
 
 
-def pick_column(columns: Sequence[str], column: Optional[str], source: str, option: str = "--column") -> str:
-    """The column to read: ``column`` if given (and present), else the first known prompt column."""
+def pick_column(
+    columns: Sequence[str],
+    column: Optional[str],
+    source: str,
+    option: str = "--column",
+    known: Sequence[str] = PROMPT_COLUMNS,
+    what: str = "prompts",
+) -> str:
+    """The column to read: ``column`` if given (and present), else the first of ``known``
+    present (the prompt columns by default, where a lone column is taken too)."""
     if column is not None:
         if column not in columns:
             raise DataError(
                 f"{source}: no column {column!r} ({option}); its columns are {', '.join(columns) or 'none'}"
             )
         return column
-    for candidate in PROMPT_COLUMNS:
+    for candidate in known:
         if candidate in columns:
             return candidate
-    if len(columns) == 1:
+    if len(columns) == 1 and known is PROMPT_COLUMNS:
         return columns[0]
-    raise DataError(f"{source}: which column holds the prompts? give {option} (its columns are {', '.join(columns)})")
+    raise DataError(f"{source}: which column holds the {what}? give {option} (its columns are {', '.join(columns)})")
 
 
 def load_prompts(

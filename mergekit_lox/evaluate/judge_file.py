@@ -41,14 +41,12 @@ def _label(value) -> Optional[str]:
 
 
 def _pick(columns: Sequence[str], given: Optional[str], known: Sequence[str], source: str, option: str) -> str:
-    if given is not None:
-        if given not in columns:
-            raise JudgeError(f"{source}: no column {given!r} ({option}); its columns are {', '.join(columns)}")
-        return given
-    for name in known:
-        if name in columns:
-            return name
-    raise JudgeError(f"{source}: no {option[2:].replace('-column', '')} column among {', '.join(known)}; give {option}")
+    from mergekit_lox.data.prompts import DataError, pick_column
+
+    try:
+        return pick_column(columns, given, source, option, tuple(known), option[2:].replace("-column", "s"))
+    except DataError as error:
+        raise JudgeError(str(error)) from None
 
 
 def agreement(verdicts: Sequence[str], labels: Sequence[str]) -> Dict[str, object]:
