@@ -398,9 +398,10 @@ def _model_keys(model_config) -> Optional[Tuple[set, set]]:
     return set(model.state_dict().keys()), tied
 
 
-def _stored_names(reference) -> Optional[set]:
+def _stored_names(reference, fetch: bool = True) -> Optional[set]:
     """The tensor names a model reference's checkpoint stores (a LoRA adds none); None
-    when its files are not there yet (a chain stage not computed)."""
+    when its files are not there yet (a chain stage not computed), or, without ``fetch``
+    (`check`, which downloads nothing), when it is a hub model."""
     import os
 
     from mergekit.common import ModelReference
@@ -409,6 +410,8 @@ def _stored_names(reference) -> Optional[set]:
     base = ModelReference(model=reference.model)
     path = base.model.path
     if not os.path.isdir(path):
+        if not fetch:
+            return None
         try:
             path = base.local_path()
         except Exception:  # noqa: BLE001 - not fetchable now: nothing to compare
@@ -419,7 +422,9 @@ def _stored_names(reference) -> Optional[set]:
         return None
 
 
-def missing_tensors(config, arch_info, trust_remote_code: bool = False) -> List[Tuple[str, str, bool]]:
+def missing_tensors(
+    config, arch_info, trust_remote_code: bool = False, fetch: bool = True
+) -> List[Tuple[str, str, bool]]:
     """``(tensor, model, skippable)`` for each tensor mergekit's definition ``arch_info``
     requires and an input of ``config`` (a MergeConfiguration) does not store; skippable
     when no input stores it and the transformers model of that config has no such tensor,
@@ -427,7 +432,7 @@ def missing_tensors(config, arch_info, trust_remote_code: bool = False) -> List[
     from mergekit.architecture.conversion import can_convert_checkpoint_keys
 
     references = list(config.referenced_models())
-    stored = {str(r.model.path): _stored_names(r) for r in references}
+    stored = {str(r.model.path): _stored_names(r, fetch) for r in references}
     known = [names for names in stored.values() if names is not None]
     if not known:
         return []
@@ -459,12 +464,12 @@ def missing_tensors(config, arch_info, trust_remote_code: bool = False) -> List[
     return found
 
 
-def unlisted_tensors(config, arch_info, trust_remote_code: bool = False) -> List[str]:
+def unlisted_tensors(config, arch_info, trust_remote_code: bool = False, fetch: bool = True) -> List[str]:
     """Tensors every input stores and the transformers model uses that mergekit's
     definition does not list (Falcon-7B's input_layernorm under the 40B-layout
     definition): a merge would leave them out of its output."""
     references = list(config.referenced_models())
-    stored = [_stored_names(r) for r in references]
+    stored = [_stored_names(r, fetch) for r in references]
     if any(names is None for names in stored) or not stored:
         return []
     model_config = references[0].config(trust_remote_code=trust_remote_code)
@@ -559,14 +564,18 @@ def checkpoint_gaps(config, trust_remote_code: bool = False):
     the architecture without more (a hub model offline, mixed architectures: the run
     reports those). ``addable``: unlisted tensors can be added to the definition (one
     module); otherwise the output would lack them."""
+    import os
+
     import mergekit.architecture as architecture
     from mergekit.options import MergeOptions
 
+    if not all(os.path.isdir(r.model.path) for r in config.referenced_models()):
+        return [], [], True  # a hub model (check downloads nothing) or a chain stage not yet computed
     original = getattr(architecture.get_architecture_info, "__wrapped__", architecture.get_architecture_info)
     try:
         arch_info = original(config, MergeOptions(trust_remote_code=trust_remote_code))
-        missing = missing_tensors(config, arch_info, trust_remote_code=trust_remote_code)
-        extra = unlisted_tensors(config, arch_info, trust_remote_code=trust_remote_code)
+        missing = missing_tensors(config, arch_info, trust_remote_code=trust_remote_code, fetch=False)
+        extra = unlisted_tensors(config, arch_info, trust_remote_code=trust_remote_code, fetch=False)
     except Exception:  # noqa: BLE001 - not decidable before the run; mergekit says why then
         return [], [], True
     return missing, extra, len(arch_info.modules) == 1
