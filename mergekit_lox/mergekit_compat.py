@@ -377,7 +377,7 @@ def _per_tensor_task_class():
 # tensor that no input stores *and* that the transformers model built from the config
 # does not have (or has only as a tie to another tensor) is marked optional, so mergekit
 # skips it. A tensor the model does need and no input stores is a damaged or foreign
-# checkpoint: `missing_tensors` names it, and check / run refuse before computing.
+# checkpoint: `checkpoint_fit` names it, and check / run refuse before computing.
 
 
 def _model_keys(model_config) -> Optional[Tuple[set, set]]:
@@ -422,63 +422,62 @@ def _stored_names(reference, fetch: bool = True) -> Optional[set]:
         return None
 
 
-def missing_tensors(
+def checkpoint_fit(
     config, arch_info, trust_remote_code: bool = False, fetch: bool = True
-) -> List[Tuple[str, str, bool]]:
-    """``(tensor, model, skippable)`` for each tensor mergekit's definition ``arch_info``
-    requires and an input of ``config`` (a MergeConfiguration) does not store; skippable
-    when no input stores it and the transformers model of that config has no such tensor,
-    or has it only tied."""
+) -> Tuple[List[Tuple[str, str, bool]], List[str]]:
+    """How mergekit's definition ``arch_info`` fits the checkpoints of ``config`` (a
+    MergeConfiguration), each checkpoint's index read once and the transformers model built
+    (on the meta device) at most once:
+
+    - ``missing``: ``(tensor, model, skippable)`` for each tensor the definition requires
+      that an input does not store; skippable when no input stores it and the transformers
+      model of that config has no such tensor, or has it only tied;
+    - ``unlisted``: tensors every input stores and the transformers model uses that the
+      definition does not list (Falcon-7B's input_layernorm under the 40B-layout
+      definition): a merge would leave them out of its output.
+    """
     from mergekit.architecture.conversion import can_convert_checkpoint_keys
 
     references = list(config.referenced_models())
     stored = {str(r.model.path): _stored_names(r, fetch) for r in references}
     known = [names for names in stored.values() if names is not None]
     if not known:
-        return []
+        return [], []
     model_config = references[0].config(trust_remote_code=trust_remote_code)
     model_type = getattr(model_config, "model_type", None)
-    keys = None
-    found = []
+    built: List[Tuple[Optional[set], set]] = []
+
+    def model_keys() -> Tuple[Optional[set], set]:
+        if not built:
+            built.append(_model_keys(model_config) or (None, set()))
+        return built[0]
 
     def holds(present: set, names: set) -> bool:
         # mergekit's loader renames and fuses checkpoint keys (transformers' conversion
         # mapping: Mixtral's per-expert w1/w3 into gate_up_proj): a key it can produce counts.
         return any(can_convert_checkpoint_keys(model_type, present, name) for name in names)
 
+    missing, listed = [], set()
     for weight in arch_info.all_weights(model_config):
+        names = {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}
+        listed |= names
         if weight.optional:
             continue
-        names = {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}
         absent = [path for path, present in stored.items() if present is not None and not holds(present, names)]
         if not absent:
             continue
         if len(absent) < len(known):  # stored by another input: this one is damaged or foreign
-            found.append((weight.name, absent[0], False))
+            missing.append((weight.name, absent[0], False))
             continue
-        if keys is None:
-            keys = _model_keys(model_config) or (None, set())
-        state, tied = keys
+        state, tied = model_keys()
         skippable = state is not None and (weight.name not in state or weight.name in tied)
-        found.append((weight.name, absent[0], skippable))
-    return found
-
-
-def unlisted_tensors(config, arch_info, trust_remote_code: bool = False, fetch: bool = True) -> List[str]:
-    """Tensors every input stores and the transformers model uses that mergekit's
-    definition does not list (Falcon-7B's input_layernorm under the 40B-layout
-    definition): a merge would leave them out of its output."""
-    references = list(config.referenced_models())
-    stored = [_stored_names(r, fetch) for r in references]
-    if any(names is None for names in stored) or not stored:
-        return []
-    model_config = references[0].config(trust_remote_code=trust_remote_code)
-    listed = set()
-    for weight in arch_info.all_weights(model_config):
-        listed |= {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}
-    common = set.intersection(*stored) - listed
-    keys = _model_keys(model_config) if common else None
-    return sorted(common & keys[0]) if keys else []
+        missing.append((weight.name, absent[0], skippable))
+    unlisted: List[str] = []
+    if len(known) == len(stored):
+        common = set.intersection(*known) - listed
+        state = model_keys()[0] if common else None
+        unlisted = sorted(common & state) if state else []
+    return missing, unlisted
 
 
 def fitted_architecture(arch_info, skip: set, extra: Tuple[str, ...] = ()):
@@ -542,11 +541,9 @@ def install_checkpoint_fit() -> bool:
     def wrap(original):
         def get_architecture_info(config, options):
             arch_info = original(config, options)
-            missing = missing_tensors(config, arch_info, trust_remote_code=options.trust_remote_code)
+            missing, unlisted = checkpoint_fit(config, arch_info, trust_remote_code=options.trust_remote_code)
             skip = {name for name, _, skippable in missing if skippable}
-            extra = tuple(unlisted_tensors(config, arch_info, options.trust_remote_code))
-            if len(arch_info.modules) != 1:
-                extra = ()
+            extra = tuple(unlisted) if len(arch_info.modules) == 1 else ()  # one module: they can be added
             return fitted_architecture(arch_info, skip, extra) if skip or extra else arch_info
 
         return get_architecture_info
@@ -559,7 +556,7 @@ def install_checkpoint_fit() -> bool:
 
 
 def checkpoint_gaps(config, trust_remote_code: bool = False):
-    """For `check`: ``(missing_tensors, unlisted_tensors, addable)`` against mergekit's own
+    """For `check`: ``(missing, unlisted, addable)`` of ``checkpoint_fit`` against mergekit's own
     (unfitted) definition of the recipe's architecture; empty when mergekit cannot tell
     the architecture without more (a hub model offline, mixed architectures: the run
     reports those). ``addable``: unlisted tensors can be added to the definition (one
@@ -574,8 +571,7 @@ def checkpoint_gaps(config, trust_remote_code: bool = False):
     original = getattr(architecture.get_architecture_info, "__wrapped__", architecture.get_architecture_info)
     try:
         arch_info = original(config, MergeOptions(trust_remote_code=trust_remote_code))
-        missing = missing_tensors(config, arch_info, trust_remote_code=trust_remote_code, fetch=False)
-        extra = unlisted_tensors(config, arch_info, trust_remote_code=trust_remote_code, fetch=False)
+        missing, unlisted = checkpoint_fit(config, arch_info, trust_remote_code=trust_remote_code, fetch=False)
     except Exception:  # noqa: BLE001 - not decidable before the run; mergekit says why then
         return [], [], True
-    return missing, extra, len(arch_info.modules) == 1
+    return missing, unlisted, len(arch_info.modules) == 1

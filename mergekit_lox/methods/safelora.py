@@ -211,6 +211,15 @@ def project_with_cosine(
     return out.to(finetuned.dtype), cos
 
 
+def warn_decision(method: str, name, ties, cos, threshold: float, projection: str, svd: str, rank: int) -> None:
+    """The warnings a kernel that decides by this cosine owes (safelora_project, safemerge):
+    a tie at the projection's rank, and a cosine within its accuracy of the threshold."""
+    for tied in ties:
+        warn_tied_rank(method, name, tied, rank)
+    if cos is not None:
+        warn_near_threshold(method, name, cos, threshold, cosine_accuracy(projection, svd))
+
+
 @merge_method(
     name=NAME,
     pretty_name="Safe LoRA",
@@ -231,10 +240,7 @@ def safelora_project(
     merged, cos = project_with_cosine(
         inputs[FINETUNED], inputs[ALIGNED], inputs["base"], threshold, projection, rank, svd, ties
     )
-    for tied in ties:
-        warn_tied_rank(NAME, group.metadata.name, tied, rank)
-    if cos is not None:
-        warn_near_threshold(NAME, group.metadata.name, cos, threshold, cosine_accuracy(projection, svd))
+    warn_decision(NAME, group.metadata.name, ties, cos, threshold, projection, svd, rank)
     return owned_result(merged, inputs, NAME, FINETUNED)
 
 

@@ -43,7 +43,6 @@ from mergekit_lox.methods.inputs import (
     owned_result,
     role_tensors,
     warn_low_precision,
-    warn_tied_rank,
 )
 from mergekit_lox.methods.registration import register_method
 
@@ -122,11 +121,7 @@ def safemerge(
         svd,
         ties,
     )
-    for tied in ties:
-        warn_tied_rank(NAME, group.metadata.name, tied, rank)
-    if cos is not None:
-        accuracy = safelora.cosine_accuracy(projection, svd)
-        safelora.warn_near_threshold(NAME, group.metadata.name, cos, threshold, accuracy)
+    safelora.warn_decision(NAME, group.metadata.name, ties, cos, threshold, projection, svd, rank)
     return owned_result(merged, inputs, NAME, FINETUNED)
 
 
