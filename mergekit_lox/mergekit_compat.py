@@ -17,6 +17,7 @@ its own (safelora-select's per-tensor cosines).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import warnings
@@ -369,33 +370,156 @@ def _per_tensor_task_class():
 
 
 # --------------------------------------------------------------------------- architectures fitted to checkpoints
-# mergekit 0.1.5's architecture definitions list tensors that current checkpoints of the
-# same architecture do not store: GPT-NeoX's attention bias buffer (no longer saved),
+# mergekit 0.1.5's architecture definitions disagree in places with how transformers 5
+# saves the same architecture: GPT-NeoX's attention bias buffer (no longer saved),
 # Cohere's q/k norms (only with use_qk_norm), the norms of the other Falcon layout, a
-# lm_head tied to the embeddings. Every merge then stops with "Tensor ... required but not
-# present". The definition is fitted to the checkpoints here, once for every command: a
-# tensor that no input stores *and* that the transformers model built from the config
-# does not have (or has only as a tie to another tensor) is marked optional, so mergekit
-# skips it. A tensor the model does need and no input stores is a damaged or foreign
-# checkpoint: `checkpoint_fit` names it, and check / run refuse before computing.
+# lm_head tied to the embeddings, T5's gated feed-forward (wi_0 / wi_1 where t5-small
+# has wi), a vision tower saved without its `vision_model.` level (Gemma 3), a bare
+# encoder saved without its head model's prefix (DistilBertModel, RobertaModel). Every
+# merge then stops with "Tensor ... required but not present" after loading everything.
+# The definition is fitted to the checkpoints here, once for every command, by comparing
+# names in the key space of the transformers model built from the config (on the meta
+# device, with transformers' own checkpoint renaming): a tensor no input stores that the
+# model does not have (or has only as a tie) is skipped; one that every input stores
+# under another name transformers loads as the same key is merged under that name; one
+# every input stores that the model uses and the definition does not list is added. A
+# tensor the model needs that an input lacks is a damaged or foreign checkpoint:
+# ``checkpoint_fit`` names it, and check / run refuse before computing. Two slips of the
+# definitions themselves are repaired first (``_repaired``).
 
 
-def _model_keys(model_config) -> Optional[Tuple[set, set]]:
-    """(state-dict keys, tied keys) of the transformers model ``model_config`` builds, on
-    the meta device (no memory); None when transformers cannot build it as a causal LM."""
+@dataclasses.dataclass
+class CheckpointFit:
+    """How mergekit's definition of an architecture fits the input checkpoints."""
+
+    arch_info: object  # the definition, its slips repaired (``repairs`` says which)
+    repairs: List[str] = dataclasses.field(default_factory=list)
+    skipped: List[str] = dataclasses.field(default_factory=list)  # no input stores it, the model has no use for it
+    renamed: Dict[str, str] = dataclasses.field(default_factory=dict)  # listed name -> name the inputs store it under
+    resolved: Dict[str, str] = dataclasses.field(default_factory=dict)  # optional tensor with aliases -> the stored one
+    added: List[str] = dataclasses.field(default_factory=list)  # stored by all, used by the model, not listed
+    # module -> names of the added tensors with "{}" for the layer index, one per layer of that module
+    added_layers: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
+    added_in_layers: set = dataclasses.field(default_factory=set)  # the names those templates cover
+    missing: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (tensor, model): needed, absent
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.repairs or self.skipped or self.renamed or self.resolved or self.added)
+
+
+@dataclasses.dataclass
+class _ModelLayout:
+    """The transformers model a config builds: its state-dict keys, the keys tied to
+    another tensor, and ``loaded(name)``: the key transformers loads a checkpoint tensor
+    ``name`` into (its conversion mapping's renamings, the base-model prefix)."""
+
+    state: set
+    tied: set
+    loaded: Callable[[str], str]
+
+
+def _model_layout(model_config) -> Optional[_ModelLayout]:
+    """None when transformers cannot build the model of ``model_config`` (remote code)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    architecture = (getattr(model_config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
-    except Exception:  # noqa: BLE001 - not a causal LM transformers knows: no fitting
+            if model_class is not None and hasattr(model_class, "base_model_prefix"):
+                model = model_class(model_config)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(model_config)
+        model.tie_weights()
+    except Exception:  # noqa: BLE001 - not a model transformers builds without remote code: no fitting
         return None
-    tied = getattr(model, "_tied_weights_keys", None) or ()
-    tied = set(tied.keys() if isinstance(tied, dict) else tied)
-    if not getattr(model_config, "tie_word_embeddings", False):
-        tied = set()
-    return set(model.state_dict().keys()), tied
+    state = set(model.state_dict())
+    seen, tied = set(), set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if id(parameter) in seen else seen.add(id(parameter)))
+    return _ModelLayout(state, tied, _loaded_key(model, state))
+
+
+def _loaded_key(model, state: set) -> Callable[[str], str]:
+    """transformers' renaming of a checkpoint key at load time (as in
+    ``core_model_loading.convert_and_load_state_dict_in_model``); the identity where
+    this transformers has no such API."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - another transformers: names compared as they are
+        return lambda name: name
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    meta = dict.fromkeys(state, True)
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    @functools.lru_cache(maxsize=None)
+    def loaded(name: str) -> str:
+        key, _ = rename_source_key(name, renamings, converters, prefix, meta)
+        if key not in state and name in state:
+            key, _ = rename_source_key(name, [], [], prefix, meta)
+        return key
+
+    return loaded
+
+
+def _has_config_value(config, key: str) -> bool:
+    for part in key.split("."):
+        if not hasattr(config, part):
+            return False
+        config = getattr(config, part)
+    return True
+
+
+def _repaired(arch_info, model_config):
+    """``(arch_info, repairs)``: mergekit 0.1.5's definition with two slips repaired, each
+    named in ``repairs``: a ``weight_prefix`` without its dot (Whisper's decoder,
+    ``model.decoder`` + ``embed_tokens.weight``), and a layer count read from a config key
+    transformers 5 keeps only in ``text_config`` (Qwen2-VL's ``num_hidden_layers``)."""
+    from mergekit.architecture.base import ModuleDefinition
+    from mergekit.architecture.json_definitions import JsonModuleArchitecture
+
+    repairs, modules = [], {}
+    text_config = getattr(model_config, "text_config", None)
+    for key, module in arch_info.modules.items():
+        architecture, prefix = module.architecture, module.weight_prefix
+        if prefix and not prefix.endswith("."):
+            repairs.append(f"module {key}'s weight prefix {prefix!r} read as {prefix + '.'!r}")
+            prefix += "."
+        layers_key = architecture.num_layers_config_key() if isinstance(architecture, JsonModuleArchitecture) else None
+        if (
+            layers_key
+            and architecture.definition.override_num_layers is None
+            and not _has_config_value(model_config, layers_key)
+            and text_config is not None
+            and _has_config_value(text_config, layers_key)
+        ):
+            repairs.append(f"module {key}'s layer count read from text_config.{layers_key}")
+            definition = architecture.definition.model_copy(
+                update={"num_layers_config_key": "text_config." + layers_key}
+            )
+            architecture = architecture.model_copy(update={"definition": definition})
+        modules[key] = ModuleDefinition(architecture=architecture, weight_prefix=prefix, subfolder=module.subfolder)
+    if not repairs:
+        return arch_info, []
+    return _architecture_like(arch_info, modules), repairs
+
+
+def _architecture_like(arch_info, modules):
+    from mergekit.architecture import ModelArchitecture
+
+    return ModelArchitecture(
+        modules=modules,
+        architectures=arch_info.architectures,
+        model_type=arch_info.expected_model_type,
+        tagalong_files=arch_info.tagalong_files,
+        vocab_size_config_key=arch_info.vocab_size_config_key,
+    )
 
 
 def _stored_names(reference, fetch: bool = True) -> Optional[set]:
@@ -422,73 +546,140 @@ def _stored_names(reference, fetch: bool = True) -> Optional[set]:
         return None
 
 
-def checkpoint_fit(
-    config, arch_info, trust_remote_code: bool = False, fetch: bool = True
-) -> Tuple[List[Tuple[str, str, bool]], List[str]]:
+def checkpoint_fit(config, arch_info, trust_remote_code: bool = False, fetch: bool = True) -> CheckpointFit:
     """How mergekit's definition ``arch_info`` fits the checkpoints of ``config`` (a
     MergeConfiguration), each checkpoint's index read once and the transformers model built
-    (on the meta device) at most once:
+    (on the meta device) at most once, only when a name is in doubt (``CheckpointFit``):
 
-    - ``missing``: ``(tensor, model, skippable)`` for each tensor the definition requires
-      that an input does not store; skippable when no input stores it and the transformers
-      model of that config has no such tensor, or has it only tied;
-    - ``unlisted``: tensors every input stores and the transformers model uses that the
-      definition does not list (Falcon-7B's input_layernorm under the 40B-layout
-      definition): a merge would leave them out of its output.
+    - a tensor the definition requires that no input stores is ``renamed`` when every
+      input stores a tensor transformers loads as the same key (under a name the
+      definition does not list), else ``skipped`` when the model has no such key or has it
+      only tied, else ``missing``; one that some inputs store and others lack is ``missing``
+      from those (damaged or foreign checkpoints);
+    - tensors every input stores, that the model uses untied and that no listed name loads
+      as, are ``added``: a merge would otherwise leave them out of its output
+      (Falcon-7B's input_layernorm under the 40B-layout definition, t5-small's ``wi``);
+    - an optional tensor with aliases is ``resolved`` to the one name every input stores
+      it under (mergekit 0.1.5's planner fails on optional tensors with aliases).
     """
     from mergekit.architecture.conversion import can_convert_checkpoint_keys
 
     references = list(config.referenced_models())
     stored = {str(r.model.path): _stored_names(r, fetch) for r in references}
     known = [names for names in stored.values() if names is not None]
-    if not known:
-        return [], []
     model_config = references[0].config(trust_remote_code=trust_remote_code)
+    fit = CheckpointFit(*_repaired(arch_info, model_config))
+    if not known:
+        return fit
     model_type = getattr(model_config, "model_type", None)
-    built: List[Tuple[Optional[set], set]] = []
-
-    def model_keys() -> Tuple[Optional[set], set]:
-        if not built:
-            built.append(_model_keys(model_config) or (None, set()))
-        return built[0]
 
     def holds(present: set, names: set) -> bool:
         # mergekit's loader renames and fuses checkpoint keys (transformers' conversion
         # mapping: Mixtral's per-expert w1/w3 into gate_up_proj): a key it can produce counts.
         return any(can_convert_checkpoint_keys(model_type, present, name) for name in names)
 
-    missing, listed = [], set()
-    for weight in arch_info.all_weights(model_config):
+    listed, held, unstored, optional = set(), set(), {}, []
+    for weight in fit.arch_info.all_weights(model_config):
         names = {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}
         listed |= names
-        if weight.optional:
-            continue
         absent = [path for path, present in stored.items() if present is not None and not holds(present, names)]
-        if not absent:
-            continue
-        if len(absent) < len(known):  # stored by another input: this one is damaged or foreign
-            missing.append((weight.name, absent[0], False))
-            continue
-        state, tied = model_keys()
-        skippable = state is not None and (weight.name not in state or weight.name in tied)
-        missing.append((weight.name, absent[0], skippable))
-    unlisted: List[str] = []
-    if len(known) == len(stored):
-        common = set.intersection(*known) - listed
-        state = model_keys()[0] if common else None
-        unlisted = sorted(common & state) if state else []
-    return missing, unlisted
+        if len(absent) < len(known):
+            held |= names
+        if weight.optional:
+            if weight.aliases:
+                candidates = [weight.name, *weight.aliases]
+                chosen = {next((n for n in candidates if n in present), None) for present in known}
+                if len(chosen) == 1:  # every input stores it under one name, or none stores it
+                    fit.resolved[weight.name] = chosen.pop() or weight.name
+            if len(absent) == len(known):
+                optional.append(weight.name)
+        elif len(absent) == len(known):
+            unstored[weight.name] = absent[0]
+        elif absent:  # stored by another input: this one is damaged or foreign
+            fit.missing.append((weight.name, absent[0]))
+    everywhere = set.intersection(*known) - listed if len(known) == len(stored) else set()
+    layout = _model_layout(model_config) if unstored or everywhere else None
+    if layout is None:
+        fit.missing.extend(unstored.items())
+        return fit
+    held_keys = {layout.loaded(name) for name in held} if everywhere else set()
+    candidates = {}
+    for name in sorted(everywhere):
+        key = layout.loaded(name)
+        if key in layout.state and key not in layout.tied and key not in held_keys:
+            candidates.setdefault(key, name)
+    for name in optional:  # optional under this name, stored under another: merged under that one
+        if layout.loaded(name) in candidates:
+            fit.renamed[name] = candidates.pop(layout.loaded(name))
+    for name, model in unstored.items():
+        key = layout.loaded(name)
+        if key in candidates:
+            fit.renamed[name] = candidates.pop(key)
+        elif key not in layout.state or key in layout.tied:
+            fit.skipped.append(name)
+        else:
+            fit.missing.append((name, model))
+    fit.added = sorted(candidates.values())
+    fit.added_layers, fit.added_in_layers = _layer_templates(fit.arch_info, model_config, fit.added)
+    return fit
 
 
-def fitted_architecture(arch_info, skip: set, extra: Tuple[str, ...] = ()):
-    """``arch_info`` with the weights named in ``skip`` marked optional and the tensors
-    ``extra`` added after the last layer (single-module architectures)."""
-    from mergekit.architecture import ModelArchitecture, ModuleArchitecture, WeightInfo
-    from mergekit.architecture.base import ModuleDefinition
+def _layer_templates(arch_info, model_config, names: List[str]) -> Tuple[Dict[str, List[str]], set]:
+    """The added tensors that are one per layer of a module (``model.layers.N.x`` for every
+    layer N of the module whose layer weights start ``model.layers.``), as templates
+    ``model.layers.{}.x``: merged with their layer, so that a `slices:` recipe takes them
+    with the layers it takes rather than under the input's layer numbers. Also returns the
+    names the templates cover."""
+    import re
+
+    counts: Dict[str, int] = {}
+    stems: Dict[str, str] = {}  # "model.layers" -> the module whose layers those are
+    for key, module in arch_info.modules.items():
+        prefix = module.weight_prefix or ""
+        counts[key] = module.architecture.num_layers(model_config)
+        for weight in (module.architecture.layer_weights(0, model_config) or []) if counts[key] else []:
+            found = re.search(r"\.0\.", prefix + weight.name)
+            if found:
+                stems.setdefault((prefix + weight.name)[: found.start()], key)
+    layers: Dict[Tuple[str, str], set] = {}
+    for name in names:
+        found = re.search(r"\.(\d+)\.", name)
+        if found and name[: found.start()] in stems:
+            template = name[: found.start()] + ".{}." + name[found.end() :]
+            layers.setdefault((stems[name[: found.start()]], template), set()).add(int(found.group(1)))
+    templates: Dict[str, List[str]] = {}
+    covered = set()
+    for (key, template), seen in sorted(layers.items()):
+        if seen == set(range(counts[key])):
+            templates.setdefault(key, []).append(template)
+            covered |= {template.format(index) for index in seen}
+    return templates, covered
+
+
+def fitted_architecture(fit: CheckpointFit):
+    """``fit.arch_info`` with its weights fitted: skipped ones optional, renamed and
+    resolved ones under their stored name (aliases dropped), added ones with their layer
+    (``fit.added_layers``) or else after the last layer of the module whose prefix they
+    carry (the first module when none). The module prefixes are applied here, so the
+    modules carry full names."""
+    from mergekit.architecture import ModuleArchitecture, WeightInfo
+    from mergekit.architecture.base import ModuleDefinition, _prefix_weight
+
+    arch_info = fit.arch_info
+    renamed, skipped = {**fit.resolved, **fit.renamed}, set(fit.skipped)
+    prefixes = {key: module.weight_prefix or "" for key, module in arch_info.modules.items()}
+    first = next(iter(prefixes))
+    per_layer = {key: fit.added_layers.get(key, []) for key in prefixes}
+    added: Dict[str, List[str]] = {key: [] for key in prefixes}
+    for name in fit.added:
+        if name in fit.added_in_layers:
+            continue
+        owners = [key for key, prefix in prefixes.items() if name.startswith(prefix)]
+        added[max(owners, key=lambda key: len(prefixes[key])) if owners else first].append(name)
 
     class Fitted(ModuleArchitecture):
-        def __init__(self, inner, prefix: str):
-            self._inner, self._prefix = inner, prefix
+        def __init__(self, inner, prefix: str, extra: List[str], layer_extra: List[str]):
+            self._inner, self._prefix, self._extra, self._layer_extra = inner, prefix or None, extra, layer_extra
 
         def __getattr__(self, name):
             return getattr(self._inner, name)
@@ -496,17 +687,25 @@ def fitted_architecture(arch_info, skip: set, extra: Tuple[str, ...] = ()):
         def _fit(self, weights):
             if weights is None:
                 return None
-            return [w.model_copy(update={"optional": True}) if self._prefix + w.name in skip else w for w in weights]
+            fitted = []
+            for weight in weights:
+                weight = _prefix_weight(weight, self._prefix)
+                if weight.name in renamed:
+                    weight = weight.model_copy(update={"name": renamed[weight.name], "aliases": None})
+                elif weight.name in skipped:
+                    weight = weight.model_copy(update={"optional": True})
+                fitted.append(weight)
+            return fitted
 
         def pre_weights(self, config):
             return self._fit(self._inner.pre_weights(config))
 
         def post_weights(self, config):
-            added = [WeightInfo(name=name[len(self._prefix) :]) for name in extra if name.startswith(self._prefix)]
-            return self._fit(self._inner.post_weights(config)) + added
+            return self._fit(self._inner.post_weights(config)) + [WeightInfo(name=name) for name in self._extra]
 
         def layer_weights(self, index, config):
-            return self._fit(self._inner.layer_weights(index, config))
+            extra = [WeightInfo(name=template.format(index)) for template in self._layer_extra]
+            return self._fit(self._inner.layer_weights(index, config)) + extra
 
         def num_layers_config_key(self):
             return self._inner.num_layers_config_key()
@@ -516,19 +715,12 @@ def fitted_architecture(arch_info, skip: set, extra: Tuple[str, ...] = ()):
 
     modules = {
         key: ModuleDefinition(
-            architecture=Fitted(module.architecture, module.weight_prefix or ""),
-            weight_prefix=module.weight_prefix,
+            architecture=Fitted(module.architecture, module.weight_prefix, added[key], per_layer[key]),
             subfolder=module.subfolder,
         )
         for key, module in arch_info.modules.items()
     }
-    return ModelArchitecture(
-        modules=modules,
-        architectures=arch_info.architectures,
-        model_type=arch_info.expected_model_type,
-        tagalong_files=arch_info.tagalong_files,
-        vocab_size_config_key=arch_info.vocab_size_config_key,
-    )
+    return _architecture_like(arch_info, modules)
 
 
 def install_checkpoint_fit() -> bool:
@@ -541,10 +733,8 @@ def install_checkpoint_fit() -> bool:
     def wrap(original):
         def get_architecture_info(config, options):
             arch_info = original(config, options)
-            missing, unlisted = checkpoint_fit(config, arch_info, trust_remote_code=options.trust_remote_code)
-            skip = {name for name, _, skippable in missing if skippable}
-            extra = tuple(unlisted) if len(arch_info.modules) == 1 else ()  # one module: they can be added
-            return fitted_architecture(arch_info, skip, extra) if skip or extra else arch_info
+            fit = checkpoint_fit(config, arch_info, trust_remote_code=options.trust_remote_code)
+            return fitted_architecture(fit) if fit.changes else arch_info
 
         return get_architecture_info
 
@@ -555,23 +745,38 @@ def install_checkpoint_fit() -> bool:
     return installed
 
 
-def checkpoint_gaps(config, trust_remote_code: bool = False):
-    """For `check`: ``(missing, unlisted, addable)`` of ``checkpoint_fit`` against mergekit's own
-    (unfitted) definition of the recipe's architecture; empty when mergekit cannot tell
-    the architecture without more (a hub model offline, mixed architectures: the run
-    reports those). ``addable``: unlisted tensors can be added to the definition (one
-    module); otherwise the output would lack them."""
+class DefinitionError(ValueError):
+    """mergekit's definition of an architecture cannot be laid out for a model's config."""
+
+
+def checkpoint_gaps(config, trust_remote_code: bool = False) -> Optional[CheckpointFit]:
+    """For `check`: ``checkpoint_fit`` against mergekit's own (unfitted) definition of the
+    recipe's architecture; None when mergekit cannot tell the architecture without more (a
+    hub model offline, mixed architectures: the run reports those). DefinitionError (one
+    line) when the definition cannot be laid out for the config even repaired: every
+    merge would stop on it."""
     import os
 
     import mergekit.architecture as architecture
     from mergekit.options import MergeOptions
 
-    if not all(os.path.isdir(r.model.path) for r in config.referenced_models()):
-        return [], [], True  # a hub model (check downloads nothing) or a chain stage not yet computed
+    from mergekit_lox.errors import one_line
+
+    references = list(config.referenced_models())
+    if not all(os.path.isdir(r.model.path) for r in references):
+        return None  # a hub model (check downloads nothing) or a chain stage not yet computed
     original = getattr(architecture.get_architecture_info, "__wrapped__", architecture.get_architecture_info)
     try:
         arch_info = original(config, MergeOptions(trust_remote_code=trust_remote_code))
-        missing, unlisted = checkpoint_fit(config, arch_info, trust_remote_code=trust_remote_code, fetch=False)
     except Exception:  # noqa: BLE001 - not decidable before the run; mergekit says why then
-        return [], [], True
-    return missing, unlisted, len(arch_info.modules) == 1
+        return None
+    try:
+        return checkpoint_fit(config, arch_info, trust_remote_code=trust_remote_code, fetch=False)
+    except Exception as error:  # noqa: BLE001 - mergekit's own error, made one line
+        model = references[0].model.path
+        names = (arch_info.architectures or ["this architecture"])[0]
+        reason = one_line(error)  # mergekit's config errors print the whole config: keep its end
+        reason = reason if len(reason) <= 240 else "..." + reason[-240:]
+        raise DefinitionError(
+            f"mergekit's definition of {names} does not fit the config of {model} ({reason})"
+        ) from error

@@ -270,55 +270,54 @@ def check_shapes(report: Report, doc: Document) -> None:
 
 
 def check_architecture_fit(report: Report, doc: Document) -> None:
-    """Tensors mergekit's definition of the architecture requires that no input stores
-    (mergekit stops on the first with "Tensor ... required but not present" after loading
-    everything): a tensor the model does not need (a buffer no longer saved, an optional
-    norm, a head tied to the embeddings) is a note, merged without it
-    (mergekit_compat.install_checkpoint_fit); one the model needs is an error."""
-    from mergekit_lox.mergekit_compat import checkpoint_gaps
+    """Where mergekit's definition of the architecture and the input checkpoints disagree
+    (mergekit stops on the first tensor it requires and no input stores, "Tensor ...
+    required but not present", after loading everything): what the merge fits
+    (mergekit_compat.install_checkpoint_fit: a tensor the model does not need skipped, one
+    stored under another name merged under it, one the definition does not list added) is
+    a note; a tensor the model needs that an input lacks, or a definition that cannot be
+    laid out for the config, is an error."""
+    from mergekit_lox.mergekit_compat import DefinitionError, checkpoint_gaps
 
-    gaps, unlisted, addable = checkpoint_gaps(doc.config)
-    if unlisted:
-        shown = ", ".join(unlisted[:3]) + (f" (and {len(unlisted) - 3} more)" if len(unlisted) > 3 else "")
-        if addable:
-            report.notes.append(
-                Problem(
-                    doc.label,
-                    "models",
-                    f"the checkpoints store {shown}, which mergekit's definition of this architecture does not list: "
-                    "merged as further tensors, so that the output is whole",
-                )
-            )
-        else:
-            report.problems.append(
-                Problem(
-                    doc.label,
-                    "models",
-                    f"the checkpoints store {shown}, which mergekit's definition of this architecture does not list: "
-                    "the output would lack them; this architecture is not supported by mergekit 0.1.5",
-                )
-            )
-            return
-    skipped = [name for name, _, skippable in gaps if skippable]
-    if skipped:
-        shown = ", ".join(skipped[:3]) + (f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else "")
-        report.notes.append(
+    try:
+        fit = checkpoint_gaps(doc.config)
+    except DefinitionError as error:
+        report.problems.append(
+            Problem(doc.label, "models", f"{error}: every merge of this model would stop there; it is not supported")
+        )
+        return
+    if fit is None:
+        return
+    definition = "mergekit's definition of this architecture"
+    notes = [f"{definition} is repaired: {'; '.join(fit.repairs)}"] if fit.repairs else []
+    if fit.renamed:
+        pairs = [f"{listed} (stored as {stored})" for listed, stored in fit.renamed.items()]
+        notes.append(
+            f"{definition} names tensors the checkpoints store under other names, which transformers loads as the "
+            f"same tensors: {_shown(pairs)}; merged under the stored names"
+        )
+    if fit.added:
+        notes.append(
+            f"the checkpoints store {_shown(fit.added)}, which {definition} does not list: merged as further "
+            "tensors, so that the output is whole"
+        )
+    if fit.skipped:
+        notes.append(
+            f"{definition} lists {_shown(fit.skipped)}, which the checkpoints do not store and the model does not "
+            "use (or ties to another tensor): merged without them"
+        )
+    report.notes.extend(Problem(doc.label, "models", note) for note in notes)
+    for name, model in fit.missing[:1]:
+        report.problems.append(
             Problem(
                 doc.label,
                 "models",
-                f"mergekit's definition of this architecture lists {shown}, which the checkpoints do not store and "
-                "the model does not use (or ties to another tensor): merged without them",
+                f"tensor {name}, which {definition} requires, is missing from {model}: the checkpoint is "
+                "incomplete, or saved by another version of its code; re-save it with transformers' save_pretrained "
+                "(or repair the file) and check again",
             )
         )
-    for name, model, skippable in gaps:
-        if not skippable:
-            report.problems.append(
-                Problem(
-                    doc.label,
-                    "models",
-                    f"tensor {name}, which mergekit's definition of this architecture requires, is missing from "
-                    f"{model}: the checkpoint is incomplete, or saved by another version of its code; re-save it "
-                    "with transformers' save_pretrained (or repair the file) and check again",
-                )
-            )
-            return
+
+
+def _shown(names: List[str]) -> str:
+    return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
