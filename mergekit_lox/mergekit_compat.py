@@ -398,9 +398,7 @@ class CheckpointFit:
     renamed: Dict[str, str] = dataclasses.field(default_factory=dict)  # listed name -> name the inputs store it under
     resolved: Dict[str, str] = dataclasses.field(default_factory=dict)  # optional tensor with aliases -> the stored one
     added: List[str] = dataclasses.field(default_factory=list)  # stored by all, used by the model, not listed
-    # module -> names of the added tensors with "{}" for the layer index, one per layer of that module
-    added_layers: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
-    added_in_layers: set = dataclasses.field(default_factory=set)  # the names those templates cover
+    layers: Optional["_LayerNames"] = None  # how layer weights are named, to fit every layer alike
     missing: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (tensor, model): needed, absent
 
     @property
@@ -620,92 +618,124 @@ def checkpoint_fit(config, arch_info, trust_remote_code: bool = False, fetch: bo
         else:
             fit.missing.append((name, model))
     fit.added = sorted(candidates.values())
-    fit.added_layers, fit.added_in_layers = _layer_templates(fit.arch_info, model_config, fit.added)
+    fit.layers = _LayerNames(fit.arch_info, model_config)
     return fit
 
 
-def _layer_templates(arch_info, model_config, names: List[str]) -> Tuple[Dict[str, List[str]], set]:
-    """The added tensors that are one per layer of a module (``model.layers.N.x`` for every
-    layer N of the module whose layer weights start ``model.layers.``), as templates
-    ``model.layers.{}.x``: merged with their layer, so that a `slices:` recipe takes them
-    with the layers it takes rather than under the input's layer numbers. Also returns the
-    names the templates cover."""
-    import re
+class _LayerNames:
+    """How a definition names its layer weights (``model.layers.N.x``: the stem
+    ``model.layers`` of each module, from its layer 0), so that what the fit does to every
+    layer's tensor is done to the layer's tensor in any layer: a `slices:` recipe (one that
+    stacks layers too) renames, skips and adds on the layers it takes, under their output
+    numbers, not the input's."""
 
-    counts: Dict[str, int] = {}
-    stems: Dict[str, str] = {}  # "model.layers" -> the module whose layers those are
-    for key, module in arch_info.modules.items():
-        prefix = module.weight_prefix or ""
-        counts[key] = module.architecture.num_layers(model_config)
-        for weight in (module.architecture.layer_weights(0, model_config) or []) if counts[key] else []:
-            found = re.search(r"\.0\.", prefix + weight.name)
-            if found:
-                stems.setdefault((prefix + weight.name)[: found.start()], key)
-    layers: Dict[Tuple[str, str], set] = {}
-    for name in names:
-        found = re.search(r"\.(\d+)\.", name)
-        if found and name[: found.start()] in stems:
-            template = name[: found.start()] + ".{}." + name[found.end() :]
-            layers.setdefault((stems[name[: found.start()]], template), set()).add(int(found.group(1)))
-    templates: Dict[str, List[str]] = {}
-    covered = set()
-    for (key, template), seen in sorted(layers.items()):
-        if seen == set(range(counts[key])):
-            templates.setdefault(key, []).append(template)
-            covered |= {template.format(index) for index in seen}
-    return templates, covered
+    def __init__(self, arch_info, model_config):
+        import re
+
+        self.counts: Dict[str, int] = {}
+        self.stems: Dict[str, str] = {}  # stem -> module
+        for key, module in arch_info.modules.items():
+            prefix = module.weight_prefix or ""
+            self.counts[key] = module.architecture.num_layers(model_config)
+            for weight in (module.architecture.layer_weights(0, model_config) or []) if self.counts[key] else []:
+                found = re.search(r"\.0\.", prefix + weight.name)
+                if found:
+                    self.stems.setdefault((prefix + weight.name)[: found.start()], key)
+
+    def split(self, name: str, index: Optional[int] = None) -> Optional[Tuple[str, str, int]]:
+        """``(module, template, layer)`` of a layer weight's name (``model.layers.{}.x``, the
+        layer ``index`` when given); None for a name outside every module's layers."""
+        import re
+
+        for found in re.finditer(r"\.(\d+)\.", name):
+            if name[: found.start()] in self.stems and index in (None, int(found.group(1))):
+                template = name[: found.start()] + ".{}." + name[found.end() :]
+                return self.stems[name[: found.start()]], template, int(found.group(1))
+        return None
+
+    def every_layer(self, names) -> Dict[str, Tuple[str, List[str]]]:
+        """The templates of ``names`` that name a tensor of every layer of their module:
+        template -> (module, the names it covers)."""
+        seen: Dict[Tuple[str, str], Dict[int, str]] = {}
+        for name in names:
+            split = self.split(name)
+            if split:
+                seen.setdefault(split[:2], {})[split[2]] = name
+        return {
+            template: (key, list(by_layer.values()))
+            for (key, template), by_layer in seen.items()
+            if set(by_layer) == set(range(self.counts[key]))
+        }
+
+    def renames(self, renamed: Dict[str, str]) -> Dict[str, str]:
+        """Template -> template, for the renames done alike in every layer."""
+        templates = {}
+        for template, (_, names) in self.every_layer(renamed).items():
+            first = names[0]
+            index = self.split(first)[2]
+            target = renamed[first].replace(f".{index}.", ".{}.", 1)
+            if all(renamed[name] == target.format(self.split(name)[2]) for name in names):
+                templates[template] = target
+        return templates
 
 
 def fitted_architecture(fit: CheckpointFit):
     """``fit.arch_info`` with its weights fitted: skipped ones optional, renamed and
     resolved ones under their stored name (aliases dropped), added ones with their layer
-    (``fit.added_layers``) or else after the last layer of the module whose prefix they
-    carry (the first module when none). The module prefixes are applied here, so the
-    modules carry full names."""
+    when every layer has one, else after the last layer of the module whose prefix they
+    carry (the first module when none). What is done alike to every layer is done to any
+    layer (``_LayerNames``). The module prefixes are applied here, so the modules carry
+    full names."""
     from mergekit.architecture import ModuleArchitecture, WeightInfo
     from mergekit.architecture.base import ModuleDefinition, _prefix_weight
 
-    arch_info = fit.arch_info
+    arch_info, layers = fit.arch_info, fit.layers
     renamed, skipped = {**fit.resolved, **fit.renamed}, set(fit.skipped)
+    layer_renames = layers.renames(fit.renamed) if layers else {}
+    layer_skips = set(layers.every_layer(fit.skipped)) if layers else set()
+    per_layer = layers.every_layer(fit.added) if layers else {}
     prefixes = {key: module.weight_prefix or "" for key, module in arch_info.modules.items()}
-    first = next(iter(prefixes))
-    per_layer = {key: fit.added_layers.get(key, []) for key in prefixes}
     added: Dict[str, List[str]] = {key: [] for key in prefixes}
+    layer_added: Dict[str, List[str]] = {key: [] for key in prefixes}
+    for template, (key, _) in per_layer.items():
+        layer_added[key].append(template)
+    in_layers = {name for _, names in per_layer.values() for name in names}
     for name in fit.added:
-        if name in fit.added_in_layers:
-            continue
-        owners = [key for key, prefix in prefixes.items() if name.startswith(prefix)]
-        added[max(owners, key=lambda key: len(prefixes[key])) if owners else first].append(name)
+        if name not in in_layers:
+            owners = [key for key, prefix in prefixes.items() if name.startswith(prefix)]
+            added[max(owners, key=lambda key: len(prefixes[key])) if owners else next(iter(prefixes))].append(name)
+
+    def fitted(weight, index: Optional[int] = None):
+        split = layers.split(weight.name, index) if layers and index is not None else None
+        template = split[1] if split else None
+        if weight.name in renamed or template in layer_renames:
+            name = renamed.get(weight.name) or layer_renames[template].format(index)
+            return weight.model_copy(update={"name": name, "aliases": None})
+        if weight.name in skipped or template in layer_skips:
+            return weight.model_copy(update={"optional": True})
+        return weight
 
     class Fitted(ModuleArchitecture):
-        def __init__(self, inner, prefix: str, extra: List[str], layer_extra: List[str]):
-            self._inner, self._prefix, self._extra, self._layer_extra = inner, prefix or None, extra, layer_extra
+        def __init__(self, inner, prefix: Optional[str], key: str):
+            self._inner, self._prefix, self._key = inner, prefix or None, key
 
         def __getattr__(self, name):
             return getattr(self._inner, name)
 
-        def _fit(self, weights):
+        def _fit(self, weights, index: Optional[int] = None):
             if weights is None:
                 return None
-            fitted = []
-            for weight in weights:
-                weight = _prefix_weight(weight, self._prefix)
-                if weight.name in renamed:
-                    weight = weight.model_copy(update={"name": renamed[weight.name], "aliases": None})
-                elif weight.name in skipped:
-                    weight = weight.model_copy(update={"optional": True})
-                fitted.append(weight)
-            return fitted
+            return [fitted(_prefix_weight(weight, self._prefix), index) for weight in weights]
 
         def pre_weights(self, config):
             return self._fit(self._inner.pre_weights(config))
 
         def post_weights(self, config):
-            return self._fit(self._inner.post_weights(config)) + [WeightInfo(name=name) for name in self._extra]
+            return self._fit(self._inner.post_weights(config)) + [WeightInfo(name=n) for n in added[self._key]]
 
         def layer_weights(self, index, config):
-            extra = [WeightInfo(name=template.format(index)) for template in self._layer_extra]
-            return self._fit(self._inner.layer_weights(index, config)) + extra
+            extra = [WeightInfo(name=template.format(index)) for template in layer_added[self._key]]
+            return self._fit(self._inner.layer_weights(index, config), index) + extra
 
         def num_layers_config_key(self):
             return self._inner.num_layers_config_key()
@@ -715,8 +745,7 @@ def fitted_architecture(fit: CheckpointFit):
 
     modules = {
         key: ModuleDefinition(
-            architecture=Fitted(module.architecture, module.weight_prefix, added[key], per_layer[key]),
-            subfolder=module.subfolder,
+            architecture=Fitted(module.architecture, module.weight_prefix, key), subfolder=module.subfolder
         )
         for key, module in arch_info.modules.items()
     }

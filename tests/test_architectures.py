@@ -476,3 +476,31 @@ def test_tensors_added_to_a_definition_follow_their_layer_in_a_slices_recipe(tmp
         assert ref.rel_err(ref.f64(merged[f"transformer.h.0.{name}"]), expected) < 1e-5, name
     _, info = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+@pytest.mark.parametrize("name", ["gpt-neox", "distilbert-Model", "falcon-7b"])
+def test_a_slices_recipe_that_stacks_layers_takes_the_fitted_tensors_with_them(name, tmp_path, capsys):
+    """Layers 0-1 of aligned then 0-1 of base (passthrough): the fit's skipped (GPT-NeoX's
+    buffers), renamed (DistilBertModel's unprefixed names) and added (Falcon-7B's norms)
+    tensors are fitted in output layers 2 and 3 too, which neither input has."""
+    import re
+
+    paths = build(name, tmp_path)
+    sources = [{"sources": [{"model": paths[k], "layer_range": [0, 2]}]} for k in ("aligned", "base")]
+    source = tmp_path / "stack.yml"
+    source.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": sources, "dtype": "float32"}))
+    code, _, err = run_cli(["run", str(source), str(tmp_path / "out"), "--quiet"], capsys)
+    assert code == 0, err
+    merged = load_state_dict(str(tmp_path / "out"))
+    inputs = {k: load_state_dict(paths[k]) for k in ("base", "aligned")}
+    layers = {int(found.group(1)) for found in map(re.compile(r"\.(\d+)\.").search, merged) if found}
+    assert layers == {0, 1, 2, 3}
+    for tensor_name, tensor in merged.items():
+        found = re.search(r"\.(\d+)\.", tensor_name)
+        if found:
+            index, model = int(found.group(1)) % 2, ("aligned", "base")[int(found.group(1)) // 2]
+            source_name = tensor_name[: found.start()] + f".{index}." + tensor_name[found.end() :]
+            assert torch.equal(tensor, inputs[model][source_name]), tensor_name
+    model, info = model_class(name).from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert model.config.num_hidden_layers == 4
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
