@@ -11,7 +11,10 @@ Private names used (they may move in another version): ``mergekit.merge.
 _model_out_config`` (the output config a merge would write, for planning
 without merging) and ``ModelReference._unique_id`` (mergekit's LoRA cache key);
 ``planned_tensor_results`` wraps mergekit's planned merge tasks in a ``Task`` of
-its own (safelora-select's per-tensor cosines).
+its own (safelora-select's per-tensor cosines). The architecture fit uses
+``mergekit.architecture.base._prefix_weight`` and transformers 5's
+``conversion_mapping.get_model_conversion_mapping`` / ``core_model_loading.
+rename_source_key`` (without them, names are compared as they are).
 """
 
 from __future__ import annotations
@@ -434,9 +437,11 @@ def _model_layout(model_config) -> Optional[_ModelLayout]:
     except Exception:  # noqa: BLE001 - not a model transformers builds without remote code: no fitting
         return None
     state = set(model.state_dict())
-    seen, tied = set(), set()
+    seen, tied = set(), set()  # a tie: the same parameter under a second name (lm_head = embed_tokens)
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        (tied.add(name) if id(parameter) in seen else seen.add(id(parameter)))
+        if id(parameter) in seen:
+            tied.add(name)
+        seen.add(id(parameter))
     return _ModelLayout(state, tied, _loaded_key(model, state))
 
 
@@ -558,7 +563,10 @@ def checkpoint_fit(config, arch_info, trust_remote_code: bool = False, fetch: bo
       as, are ``added``: a merge would otherwise leave them out of its output
       (Falcon-7B's input_layernorm under the 40B-layout definition, t5-small's ``wi``);
     - an optional tensor with aliases is ``resolved`` to the one name every input stores
-      it under (mergekit 0.1.5's planner fails on optional tensors with aliases).
+      it under (mergekit 0.1.5's planner fails on optional tensors with aliases); one no
+      input stores under its name is ``renamed`` like a required one when it can be;
+    - ``layers`` (``_LayerNames``) lets the fitted definition do to any layer what is done
+      alike to every layer.
     """
     from mergekit.architecture.conversion import can_convert_checkpoint_keys
 
