@@ -400,13 +400,14 @@ class CheckpointFit:
     skipped: List[str] = dataclasses.field(default_factory=list)  # no input stores it, the model has no use for it
     renamed: Dict[str, str] = dataclasses.field(default_factory=dict)  # listed name -> name the inputs store it under
     resolved: Dict[str, str] = dataclasses.field(default_factory=dict)  # optional tensor with aliases -> the stored one
+    aliased: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)  # listed -> other inputs' names
     added: List[str] = dataclasses.field(default_factory=list)  # stored by all, used by the model, not listed
     layers: Optional["_LayerNames"] = None  # how layer weights are named, to fit every layer alike
     missing: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (tensor, model): needed, absent
 
     @property
     def changes(self) -> bool:
-        return bool(self.repairs or self.skipped or self.renamed or self.resolved or self.added)
+        return bool(self.repairs or self.skipped or self.renamed or self.resolved or self.aliased or self.added)
 
 
 @dataclasses.dataclass
@@ -557,8 +558,10 @@ def checkpoint_fit(config, arch_info, trust_remote_code: bool = False, fetch: bo
     - a tensor the definition requires that no input stores is ``renamed`` when every
       input stores a tensor transformers loads as the same key (under a name the
       definition does not list), else ``skipped`` when the model has no such key or has it
-      only tied, else ``missing``; one that some inputs store and others lack is ``missing``
-      from those (damaged or foreign checkpoints);
+      only tied, else ``missing``; one that some inputs store and others store under
+      another name that transformers loads as the same key (a checkpoint saved by another
+      transformers version) is ``aliased`` to those names, else ``missing`` from the
+      others (damaged or foreign checkpoints);
     - tensors every input stores, that the model uses untied and that no listed name loads
       as, are ``added``: a merge would otherwise leave them out of its output
       (Falcon-7B's input_layernorm under the 40B-layout definition, t5-small's ``wi``);
@@ -584,7 +587,7 @@ def checkpoint_fit(config, arch_info, trust_remote_code: bool = False, fetch: bo
         # mapping: Mixtral's per-expert w1/w3 into gate_up_proj): a key it can produce counts.
         return any(can_convert_checkpoint_keys(model_type, present, name) for name in names)
 
-    listed, held, unstored, optional = set(), set(), {}, []
+    listed, held, unstored, optional, partial = set(), set(), {}, [], {}
     for weight in fit.arch_info.all_weights(model_config):
         names = {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}
         listed |= names
@@ -601,31 +604,49 @@ def checkpoint_fit(config, arch_info, trust_remote_code: bool = False, fetch: bo
                 optional.append(weight.name)
         elif len(absent) == len(known):
             unstored[weight.name] = absent[0]
-        elif absent:  # stored by another input: this one is damaged or foreign
-            fit.missing.append((weight.name, absent[0]))
-    everywhere = set.intersection(*known) - listed if len(known) == len(stored) else set()
-    layout = _model_layout(model_config) if unstored or everywhere else None
+        elif absent:  # stored by other inputs: this one stores it under another name, or is damaged
+            partial[weight.name] = absent
+    unlisted = {path: names - listed for path, names in stored.items() if names is not None}
+    complete = len(known) == len(stored) and all(unlisted.values())  # each input has a name to add or rename to
+    layout = _model_layout(model_config) if unstored or partial or complete else None
     if layout is None:
-        fit.missing.extend(unstored.items())
+        fit.missing.extend([*((name, absent[0]) for name, absent in partial.items()), *unstored.items()])
         return fit
-    held_keys = {layout.loaded(name) for name in held} if everywhere else set()
-    candidates = {}
-    for name in sorted(everywhere):
-        key = layout.loaded(name)
+    keyed = {path: {} for path in unlisted}  # per input: model key -> its name the definition does not list
+    for path, names in unlisted.items():
+        for name in sorted(names):
+            keyed[path].setdefault(layout.loaded(name), name)
+    held_keys = {layout.loaded(name) for name in held} if complete else set()
+    candidates = {}  # model key -> each input's name for it: stored by every input, used, not listed
+    for key in sorted(set.intersection(*map(set, keyed.values()))) if complete else []:
         if key in layout.state and key not in layout.tied and key not in held_keys:
-            candidates.setdefault(key, name)
+            candidates[key] = [keyed[path][key] for path in keyed]
+
+    def take(key: str) -> str:
+        """The first input's name for ``key``; the others' names become its aliases."""
+        first, *others = candidates.pop(key)
+        if set(others) - {first}:
+            fit.aliased[first] = tuple(sorted(set(others) - {first}))
+        return first
+
+    for name, absent in partial.items():
+        others = [keyed[path].get(layout.loaded(name)) for path in absent]
+        if all(others):
+            fit.aliased[name] = tuple(sorted(set(others)))
+        else:
+            fit.missing.append((name, absent[others.index(None)]))
     for name in optional:  # optional under this name, stored under another: merged under that one
         if layout.loaded(name) in candidates:
-            fit.renamed[name] = candidates.pop(layout.loaded(name))
+            fit.renamed[name] = take(layout.loaded(name))
     for name, model in unstored.items():
         key = layout.loaded(name)
         if key in candidates:
-            fit.renamed[name] = candidates.pop(key)
+            fit.renamed[name] = take(key)
         elif key not in layout.state or key in layout.tied:
             fit.skipped.append(name)
         else:
             fit.missing.append((name, model))
-    fit.added = sorted(candidates.values())
+    fit.added = sorted(take(key) for key in list(candidates))
     fit.layers = _LayerNames(fit.arch_info, model_config)
     return fit
 
@@ -718,9 +739,11 @@ def fitted_architecture(fit: CheckpointFit):
         template = split[1] if split else None
         if weight.name in renamed or template in layer_renames:
             name = renamed.get(weight.name) or layer_renames[template].format(index)
-            return weight.model_copy(update={"name": name, "aliases": None})
+            return weight.model_copy(update={"name": name, "aliases": fit.aliased.get(name)})
         if weight.name in skipped or template in layer_skips:
             return weight.model_copy(update={"optional": True})
+        if weight.name in fit.aliased:
+            return weight.model_copy(update={"aliases": (*(weight.aliases or ()), *fit.aliased[weight.name])})
         return weight
 
     class Fitted(ModuleArchitecture):
@@ -739,10 +762,11 @@ def fitted_architecture(fit: CheckpointFit):
             return self._fit(self._inner.pre_weights(config))
 
         def post_weights(self, config):
-            return self._fit(self._inner.post_weights(config)) + [WeightInfo(name=n) for n in added[self._key]]
+            extra = [fitted(WeightInfo(name=name)) for name in added[self._key]]
+            return self._fit(self._inner.post_weights(config)) + extra
 
         def layer_weights(self, index, config):
-            extra = [WeightInfo(name=template.format(index)) for template in layer_added[self._key]]
+            extra = [fitted(WeightInfo(name=template.format(index)), index) for template in layer_added[self._key]]
             return self._fit(self._inner.layer_weights(index, config), index) + extra
 
         def num_layers_config_key(self):

@@ -504,3 +504,32 @@ def test_a_slices_recipe_that_stacks_layers_takes_the_fitted_tensors_with_them(n
     model, info = model_class(name).from_pretrained(str(tmp_path / "out"), output_loading_info=True)
     assert model.config.num_hidden_layers == 4
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_inputs_saved_by_different_transformers_versions_merge_under_one_name(tmp_path, capsys):
+    """Gemma 3's vision tower: the aligned model as transformers 4 saved it
+    (vision_tower.vision_model.*, mergekit's names), the base as transformers 5 saves it
+    (vision_tower.*). The merge reads each under its own name; the output, under
+    mergekit's names, loads whole and matches LoX on the tensors transformers loads."""
+    paths = build("gemma3-vl", tmp_path)
+    shard = os.path.join(paths["aligned"], "model.safetensors")
+    tensors = {
+        name.replace("vision_tower.", "vision_tower.vision_model.", 1): tensor
+        for name, tensor in load_file(shard).items()
+    }
+    save_file(tensors, shard, metadata={"format": "pt"})
+    source = recipe(paths, tmp_path)
+    code, out, err = run_cli(["check", source], capsys)
+    assert (
+        code == 0 and "vision_tower.vision_model.embeddings.patch_embedding.bias (also stored as vision_tower." in out
+    )
+    code, _, err = run_cli(["run", source, str(tmp_path / "out"), "--quiet"], capsys)
+    assert code == 0, err
+    cls = model_class("gemma3-vl")
+    base, aligned = (cls.from_pretrained(paths[k]).state_dict() for k in ("base", "aligned"))
+    model, info = cls.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    merged = model.state_dict()
+    assert any(".vision_tower." in n for n in merged)
+    worst = max(ref.rel_err(ref.f64(merged[n]), lox_expected(aligned[n], base[n])) for n in merged)
+    assert worst < 1e-5, worst

@@ -296,6 +296,12 @@ def check_architecture_fit(report: Report, doc: Document) -> None:
             f"{definition} names tensors the checkpoints store under other names, which transformers loads as the "
             f"same tensors: {_shown(pairs)}; merged under the stored names"
         )
+    if fit.aliased:
+        pairs = [f"{listed} (also stored as {' / '.join(others)})" for listed, others in fit.aliased.items()]
+        notes.append(
+            "the checkpoints store tensors under different names (as different transformers versions save them), "
+            f"which transformers loads as the same tensors: {_shown(pairs)}; merged under the names of {definition}"
+        )
     if fit.added:
         notes.append(
             f"the checkpoints store {_shown(fit.added)}, which {definition} does not list: merged as further "
