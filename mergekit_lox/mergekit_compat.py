@@ -401,13 +401,18 @@ class CheckpointFit:
     renamed: Dict[str, str] = dataclasses.field(default_factory=dict)  # listed name -> name the inputs store it under
     resolved: Dict[str, str] = dataclasses.field(default_factory=dict)  # optional tensor with aliases -> the stored one
     aliased: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)  # listed -> other inputs' names
+    # optional tensors every input has only through transformers' conversion (DeepSeek-V3's and Jamba's fused
+    # expert stacks in their MoE layers, which mergekit infers as optional): mergekit 0.1.5's planner looks
+    # for an optional tensor's own name in the checkpoint, finds none and leaves it out of the output
+    required: List[str] = dataclasses.field(default_factory=list)
     added: List[str] = dataclasses.field(default_factory=list)  # stored by all, used by the model, not listed
     layers: Optional["_LayerNames"] = None  # how layer weights are named, to fit every layer alike
     missing: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (tensor, model): needed, absent
 
     @property
     def changes(self) -> bool:
-        return bool(self.repairs or self.skipped or self.renamed or self.resolved or self.aliased or self.added)
+        changed = self.repairs or self.skipped or self.renamed or self.resolved or self.aliased or self.required
+        return bool(changed or self.added)
 
 
 @dataclasses.dataclass
@@ -602,6 +607,8 @@ def checkpoint_fit(config, arch_info, trust_remote_code: bool = False, fetch: bo
                     fit.resolved[weight.name] = chosen.pop() or weight.name
             if len(absent) == len(known):
                 optional.append(weight.name)
+            elif not absent and not any(names & present for present in known):
+                fit.required.append(weight.name)  # every input has it, only through conversion
         elif len(absent) == len(known):
             unstored[weight.name] = absent[0]
         elif absent:  # stored by other inputs: this one stores it under another name, or is damaged
@@ -722,6 +729,8 @@ def fitted_architecture(fit: CheckpointFit):
     renamed, skipped = {**fit.resolved, **fit.renamed}, set(fit.skipped)
     layer_renames = layers.renames(fit.renamed) if layers else {}
     layer_skips = set(layers.every_layer(fit.skipped)) if layers else set()
+    required = set(fit.required)
+    layer_required = set(layers.every_layer(fit.required)) if layers else set()
     per_layer = layers.every_layer(fit.added) if layers else {}
     prefixes = {key: module.weight_prefix or "" for key, module in arch_info.modules.items()}
     added: Dict[str, List[str]] = {key: [] for key in prefixes}
@@ -742,6 +751,8 @@ def fitted_architecture(fit: CheckpointFit):
             return weight.model_copy(update={"name": name, "aliases": fit.aliased.get(name)})
         if weight.name in skipped or template in layer_skips:
             return weight.model_copy(update={"optional": True})
+        if weight.name in required or template in layer_required:
+            return weight.model_copy(update={"optional": False})
         if weight.name in fit.aliased:
             return weight.model_copy(update={"aliases": (*(weight.aliases or ()), *fit.aliased[weight.name])})
         return weight

@@ -8,7 +8,8 @@ GPT-NeoX (attention bias buffers no longer saved), Cohere without qk-norm, Falco
 layout (the other layout's norms), Falcon-40B with a tied head, t5-small's ungated
 feed-forward, Whisper's decoder prefix, Qwen2-VL's layer count, Gemma 3's vision tower
 and the bare DistilBERT / RoBERTa encoders saved under other names, Qwen3-VL's deepstack
-mergers, BertModel's optional aliased buffer. docs/architectures.md has the table.
+mergers, BertModel's optional aliased buffer, DeepSeek-V3's and Jamba's expert stacks
+(inferred optional, held only through conversion). docs/architectures.md has the table.
 """
 
 from __future__ import annotations
@@ -154,8 +155,36 @@ ARCHITECTURES = {
     ),
     "mamba": own("MambaForCausalLM", "MambaConfig", **{**SMALL, "state_size": 8, "expand": 2, "conv_kernel": 4}),
     "phi": causal("PhiConfig"),
-    # one mergekit infers (its exaone.json is the remote-code EXAONE 3)
+    # ones mergekit infers (its exaone.json is the remote-code EXAONE 3); DeepSeek-V3 and Jamba
+    # have MoE and dense layers, so mergekit infers the expert stacks as optional
     "exaone4": causal("Exaone4Config", head_dim=8),
+    "deepseek-v3": causal(
+        "DeepseekV3Config",
+        num_key_value_heads=4,  # multi-head latent attention: as many as the query heads
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    ),
+    "jamba": causal(
+        "JambaConfig",
+        num_experts=2,
+        num_experts_per_tok=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        mamba_dt_rank=4,
+        use_mamba_kernels=False,
+    ),
     # sequence classification heads
     "llama-seq-cls": own("LlamaForSequenceClassification", "LlamaConfig", **SMALL, num_labels=3),
     "gpt2-seq-cls": own("GPT2ForSequenceClassification", "GPT2Config", vocab_size=128, **GPT_STYLE, num_labels=3),
