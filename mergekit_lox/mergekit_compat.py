@@ -806,6 +806,8 @@ def install_checkpoint_fit() -> bool:
         def get_architecture_info(config, options):
             arch_info = original(config, options)
             fit = checkpoint_fit(config, arch_info, trust_remote_code=options.trust_remote_code)
+            if fit.missing:  # a hub model, which check does not fetch: said here, before any tensor is computed
+                raise DefinitionError(missing_tensor_message(*fit.missing[0]))
             return fitted_architecture(fit) if fit.changes else arch_info
 
         return get_architecture_info
@@ -818,7 +820,16 @@ def install_checkpoint_fit() -> bool:
 
 
 class DefinitionError(ValueError):
-    """mergekit's definition of an architecture cannot be laid out for a model's config."""
+    """mergekit's definition of an architecture does not fit a model: its config, or a
+    checkpoint that lacks a tensor the model needs."""
+
+
+def missing_tensor_message(name: str, model: str) -> str:
+    return (
+        f"tensor {name}, which mergekit's definition of this architecture requires, is missing from {model}: the "
+        "checkpoint is incomplete, or saved by another version of its code; re-save it with transformers' "
+        "save_pretrained (or repair the file) and check again"
+    )
 
 
 def checkpoint_gaps(config, trust_remote_code: bool = False) -> Optional[CheckpointFit]:

@@ -404,6 +404,18 @@ def test_a_tensor_the_model_needs_and_an_input_lacks_is_refused_before_computing
         assert f"tensor {missing}, which mergekit's definition of this architecture requires" in error
         assert paths["aligned"] in error
     assert not os.path.exists(tmp_path / "out")
+    # A hub model is not fetched by check: the fit at the start of every merge (plain
+    # mergekit-yaml too) says the same, before any tensor is computed.
+    import mergekit.architecture
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_lox.mergekit_compat import DefinitionError, install_checkpoint_fit
+
+    assert install_checkpoint_fit()
+    config = MergeConfiguration.model_validate(yaml.safe_load(open(source)))
+    with pytest.raises(DefinitionError, match=f"tensor {missing}, which mergekit's definition"):
+        mergekit.architecture.get_architecture_info(config, MergeOptions())
 
 
 def test_a_definition_that_does_not_fit_the_config_is_refused_before_computing(tmp_path, capsys, monkeypatch):

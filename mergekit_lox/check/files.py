@@ -277,7 +277,7 @@ def check_architecture_fit(report: Report, doc: Document) -> None:
     stored under another name merged under it, one the definition does not list added) is
     a note; a tensor the model needs that an input lacks, or a definition that cannot be
     laid out for the config, is an error."""
-    from mergekit_lox.mergekit_compat import DefinitionError, checkpoint_gaps
+    from mergekit_lox.mergekit_compat import DefinitionError, checkpoint_gaps, missing_tensor_message
 
     try:
         fit = checkpoint_gaps(doc.config)
@@ -314,15 +314,7 @@ def check_architecture_fit(report: Report, doc: Document) -> None:
         )
     report.notes.extend(Problem(doc.label, "models", note) for note in notes)
     for name, model in fit.missing[:1]:
-        report.problems.append(
-            Problem(
-                doc.label,
-                "models",
-                f"tensor {name}, which {definition} requires, is missing from {model}: the checkpoint is "
-                "incomplete, or saved by another version of its code; re-save it with transformers' save_pretrained "
-                "(or repair the file) and check again",
-            )
-        )
+        report.problems.append(Problem(doc.label, "models", missing_tensor_message(name, model)))
 
 
 def _shown(names: List[str]) -> str:
