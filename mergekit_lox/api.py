@@ -57,12 +57,32 @@ def _states(**models: StateLike) -> Dict[str, Dict[str, torch.Tensor]]:
     return states
 
 
-def _merge(kernel, output_role: str, states: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """``kernel(**inputs)`` per floating-point weight; anything else is the output role's own."""
+def _transposed(*models: StateLike) -> frozenset:
+    """Weights stored ``[in, out]`` (transformers Conv1D: GPT-2), read from the first
+    nn.Module given; state dicts alone do not say, and are taken as nn.Linear's ``[out, in]``."""
+    from mergekit_lox.layout import transposed_names
+
+    module = next((m for m in models if isinstance(m, torch.nn.Module)), None)
+    return transposed_names(module) if module is not None else frozenset()
+
+
+def _linear_map(name: str, tensor: torch.Tensor, transposed: frozenset) -> torch.Tensor:
+    """A weight as the linear map ``W [out, in]`` the methods' formulas act on (layout.py)."""
+    return tensor.mT if name in transposed and tensor.ndim == 2 else tensor
+
+
+def _merge(
+    kernel, output_role: str, states: Dict[str, Dict[str, torch.Tensor]], transposed: frozenset = frozenset()
+) -> Dict[str, torch.Tensor]:
+    """``kernel(**inputs)`` per floating-point weight; anything else is the output role's own.
+    A Conv1D weight (``transposed``) is computed on as ``W [out, in]`` and returned as stored."""
     out = {}
     for name, kept in states[output_role].items():
-        inputs = {role: state[name] for role, state in states.items()}
-        out[name] = kernel(**inputs) if kept.is_floating_point() else kept
+        if not kept.is_floating_point():
+            out[name] = kept
+            continue
+        inputs = {role: _linear_map(name, state[name], transposed) for role, state in states.items()}
+        out[name] = _linear_map(name, kernel(**inputs), transposed).contiguous()
     return out
 
 
@@ -75,6 +95,7 @@ def lox(base: StateLike, aligned: StateLike, alpha: float = 1.25, rank: int = 6,
         lambda base, aligned: extrapolate(aligned, base, alpha, rank, svd),
         "aligned",
         _states(base=base, aligned=aligned),
+        _transposed(aligned, base),
     )
 
 
@@ -102,18 +123,18 @@ def lssf(
     from mergekit_lox.methods.lssf import fuse
 
     parameters = {**_lssf_parameters(scale, eta, rank, top_weight, svd), "subspace": subspace}
+
     states = _states(base=base, aligned=aligned, finetuned=finetuned)
-    return {
-        name: fuse(
-            tensor,
-            states["aligned"][name],
-            states["base"][name],
-            **lssf_arguments(parameters, name, None, tensor.shape),
-        )
-        if tensor.is_floating_point()
-        else tensor
-        for name, tensor in states["finetuned"].items()
-    }
+    transposed = _transposed(finetuned, aligned, base)
+    out = {}
+    for name, tensor in states["finetuned"].items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        W_f, W_a, W_b = (_linear_map(name, states[r][name], transposed) for r in ("finetuned", "aligned", "base"))
+        fused = fuse(W_f, W_a, W_b, **lssf_arguments(parameters, name, None, W_f.shape))
+        out[name] = _linear_map(name, fused, transposed).contiguous()
+    return out
 
 
 def safelora(
@@ -134,6 +155,7 @@ def safelora(
         lambda base, aligned, finetuned: project(finetuned, aligned, base, threshold, projection, rank, svd),
         "finetuned",
         _states(base=base, aligned=aligned, finetuned=finetuned),
+        _transposed(finetuned, aligned, base),
     )
 
 
@@ -163,6 +185,7 @@ def safemerge(
         ),
         "finetuned",
         _states(base=base, aligned=aligned, finetuned=finetuned, safety=safety),
+        _transposed(finetuned, aligned, base, safety),
     )
 
 
@@ -185,9 +208,11 @@ def _adapter(method: str, states, parameters, model, max_rank, embeddings, out) 
     kinds, tied = module_kinds(model)
     types = ModuleTypes(kinds, tied, type(model).__name__, embeddings)
     target_role = TARGET_ROLE[method]
+    transposed = _transposed(model)  # Conv1D: the term is that of W [out, in] (fan_in_fan_out)
     weights = []
     for name, target in states[target_role].items():
-        inputs = {role: state[name] for role, state in states.items()}
+        inputs = {role: _linear_map(name, state[name], transposed) for role, state in states.items()}
+        target = inputs[target_role]
         factors = term_factors(method, inputs, parameters, name) if target.is_floating_point() else None
         weights.append(weight_term(name, target, factors, types, max_rank))
     terms = AdapterTerms(weights)
@@ -298,6 +323,8 @@ def apply_safelora(
             raise ValueError(f"PeftModel module {module}: aligned has no weight {m.weight}")
         A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         W_b, W_a = states["base"][m.weight], states["aligned"][m.weight]
+        if getattr(layer, "fan_in_fan_out", False):  # a Conv1D: B A is the update of W [out, in]
+            W_b, W_a = W_b.mT, W_a.mT
         score_module(m, W_b, W_a, A.detach(), B.detach(), projection, rank, ("base", "aligned", "PeftModel"), svd)
         modules.append(m)
         factors[module] = B

@@ -523,6 +523,11 @@ def attack(
     lora: Optional[int] = typer.Option(
         None, "--lora", help="LoRA rank: write a PEFT adapter (PEFT's default modules)."
     ),
+    target_modules: Optional[str] = typer.Option(
+        None,
+        "--target-modules",
+        help="LoRA modules, comma-separated (q_proj,v_proj), or all-linear. Default: PEFT's for the model type.",
+    ),
     full: bool = typer.Option(False, "--full", help="Full fine-tune: write a whole model."),
     preset: Optional[str] = typer.Option(
         None, "--preset", help="A paper's attack (see --presets): fills unset options."
@@ -552,8 +557,10 @@ def attack(
         return
     if model is None or out is None:
         raise typer.BadParameter("MODEL and -o OUT are required (or --presets)")
+    targets = tuple(m.strip() for m in target_modules.split(",") if m.strip()) if target_modules else None
     settings = AttackSettings(
-        data=data, lora=lora, full=full, preset=preset, epochs=epochs, lr=lr, max_steps=max_steps,
+        data=data, lora=lora, target_modules=targets, full=full, preset=preset, epochs=epochs, lr=lr,
+        max_steps=max_steps,
         batch_size=batch_size, seed=seed, device=device, prompt_column=prompt_column, answer_column=answer_column,
         limit=limit, split=split,
     )  # fmt: skip

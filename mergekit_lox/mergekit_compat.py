@@ -795,6 +795,27 @@ def fitted_architecture(fit: CheckpointFit):
     return _architecture_like(arch_info, modules)
 
 
+def install_local_card_paths() -> bool:
+    """mergekit's model card asks the hub whether each input path is also a hub repository
+    (``mergekit.card.is_hf`` calls ``huggingface_hub.repo_exists`` for a path that exists on
+    disk without a slash, such as ``base`` in a recipe run from its folder): offline that
+    request fails and the merge stops after computing every tensor. A path that exists on
+    disk is the local model mergekit merged: it is not linked as a hub model."""
+    import os
+
+    import mergekit.card as card
+
+    def wrap(original):
+        def is_hf(path: str) -> bool:
+            if path and os.path.exists(path):
+                return False
+            return original(path)
+
+        return is_hf
+
+    return _install(card, "is_hf", wrap)
+
+
 def install_checkpoint_fit() -> bool:
     """Fit mergekit's architecture definitions to the checkpoints (the section above):
     ``mergekit.architecture.get_architecture_info`` and the name ``mergekit.merge`` took."""

@@ -138,6 +138,8 @@ BAD = {
     "both": (["--lora", "2", "--full"], "--lora and --full exclude each other"),
     "neither": ([], "choose --lora RANK"),
     "preset": (["--preset", "nope"], "--preset 'nope' is not a preset"),
+    "targets-without-lora": (["--target-modules", "q_proj"], "--target-modules names the modules of a LoRA attack"),
+    "unknown-target": (["--lora", "2", "--target-modules", "nope"], "--target-modules nope: Target modules"),
 }
 
 
@@ -145,7 +147,7 @@ BAD = {
 def test_bad_input_is_one_line_and_writes_nothing(case, tiny, tmp_path, capsys):
     model, data = tiny
     args, message = BAD[case]
-    if case not in ("both", "neither"):
+    if case not in ("both", "neither", "unknown-target"):
         args = [*args, "--full"]
     code, _, err = run_cli(["attack", model, "--data", data, "-o", str(tmp_path / "out"), *args], capsys)
     errors = [line for line in err.splitlines() if line.startswith("error:")]

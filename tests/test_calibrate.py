@@ -136,7 +136,7 @@ def test_grams_are_bounded_whatever_the_sample_count(family):
                     model(**encoded)
             sizes.append(accumulator.state_elements())
             tokens.append(accumulator.layers[0].tokens)
-            kept = {"weight_name", "module", "side", "gram", "tokens"}
+            kept = {"weight_name", "module", "side", "gram", "tokens", "transposed"}
             assert all(set(vars(layer)) == kept for layer in accumulator.layers)
     assert sizes == [expected, expected] and tokens == fed and fed[1] == 5 * fed[0]
 

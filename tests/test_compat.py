@@ -222,3 +222,27 @@ def test_on_another_version_a_lox_merge_still_works(family, states, tmp_path):
     for name, tensor in merged.items():
         expected = ref.lox(ref.f64(states["aligned"][name]), ref.f64(states["base"][name]), 1.25, 4)
         assert ref.rel_err(ref.f64(tensor), expected) < 1e-4, name
+
+
+def test_a_recipe_of_relative_local_paths_runs_offline(family, tmp_path, monkeypatch, capsys):
+    """mergekit's model card asks the hub whether `base` (a local folder, no slash) is also a
+    hub repository; offline (HF_HUB_OFFLINE=1 here, as in conftest) that request stopped the
+    merge after every tensor was computed. A path that exists on disk is not looked up."""
+    from conftest import run_cli
+
+    root = os.path.dirname(family.base)
+    monkeypatch.chdir(root)
+    document = {
+        "merge_method": "lox_extrapolate",
+        "base_model": os.path.basename(family.base),
+        "models": [{"model": os.path.basename(family.aligned)}],
+        "parameters": {"alpha": 1.25, "rank": 4},
+        "dtype": "float32",
+    }
+    recipe = tmp_path / "relative.yml"
+    recipe.write_text(yaml.safe_dump(document))
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    code, _, err = run_cli(["run", str(recipe), str(tmp_path / "out"), "--quiet"], capsys)
+    assert code == 0, err
+    assert os.path.isfile(tmp_path / "out" / "README.md")  # the card was written, linking no hub model
+    assert "huggingface.co/" + os.path.basename(family.base) not in (tmp_path / "out" / "README.md").read_text()

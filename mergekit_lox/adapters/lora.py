@@ -17,8 +17,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from mergekit_lox.files.peft import PEFT_PREFIX
+from mergekit_lox.layout import is_conv1d
 
 LINEAR, EMBEDDING = "linear", "embedding"
+# A transformers Conv1D (GPT-2): a linear layer stored [in, out]. Its term is computed on the
+# linear map W [out, in] (layout.py), so its factors are stored as a linear module's, and
+# the adapter sets ``fan_in_fan_out`` (PEFT applies ``(lora_B @ lora_A)ᵀ`` to a Conv1D; it
+# sets the flag per module type, so nn.Linear modules of the same adapter stay untransposed).
+CONV1D = "conv1d"
+LINEAR_KINDS = (LINEAR, CONV1D)
 
 
 def cap_rank(B: torch.Tensor, A: torch.Tensor, max_rank: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
@@ -54,7 +61,7 @@ class LoraAdapter:
     factors: Dict[str, Tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def add(self, module: str, kind: str, B: torch.Tensor, A: torch.Tensor) -> None:
-        if kind not in (LINEAR, EMBEDDING):
+        if kind not in (*LINEAR_KINDS, EMBEDDING):
             raise ValueError(f"module {module}: PEFT LoRA adapts linear or embedding modules, not {kind!r}")
         self.factors[module] = (kind, B.detach().float().cpu(), A.detach().float().cpu())
 
@@ -66,7 +73,7 @@ class LoraAdapter:
         tensors = {}
         for module, (kind, B, A) in sorted(self.factors.items()):
             stem = PEFT_PREFIX + module
-            if kind == LINEAR:
+            if kind in LINEAR_KINDS:
                 tensors[stem + ".lora_A.weight"] = A.contiguous()
                 tensors[stem + ".lora_B.weight"] = B.contiguous()
             else:  # an embedding stores (B_e @ A_e)ᵀ: A_e = Bᵀ (r x vocab), B_e = Aᵀ (dim x r)
@@ -89,6 +96,7 @@ class LoraAdapter:
             "rank_pattern": pattern,
             "alpha_pattern": dict(pattern),
             "lora_dropout": 0.0,
+            "fan_in_fan_out": any(kind == CONV1D for kind, _, _ in self.factors.values()),
             "bias": "none",
             "use_rslora": False,
             "init_lora_weights": True,
@@ -101,8 +109,8 @@ class LoraAdapter:
 
 
 def module_kinds(model: torch.nn.Module) -> Tuple[Dict[str, str], List[str]]:
-    """``{weight name: LINEAR | EMBEDDING | why not}`` for every module weight of
-    ``model`` (``nn.Linear``, ``nn.Embedding``, anything else with a ``weight``),
+    """``{weight name: LINEAR | CONV1D | EMBEDDING | why not}`` for every module weight of
+    ``model`` (``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``, anything else with a ``weight``),
     and the weight names tied to another (input embeddings shared with the
     output head), which an adapter leaves out."""
     kinds: Dict[str, str] = {}
@@ -112,6 +120,8 @@ def module_kinds(model: torch.nn.Module) -> Tuple[Dict[str, str], List[str]]:
             continue
         if isinstance(module, torch.nn.Linear):
             kinds[name + ".weight"] = LINEAR
+        elif is_conv1d(module):
+            kinds[name + ".weight"] = CONV1D
         elif isinstance(module, torch.nn.Embedding):
             kinds[name + ".weight"] = EMBEDDING
         else:
@@ -131,7 +141,7 @@ def _embeddings(model):
 
 
 def adapter_kind(name: str, shape, kinds: Dict[str, str], tied: List[str], embeddings: bool, arch: str) -> str:
-    """LINEAR or EMBEDDING when the term of weight ``name`` can be an adapter module,
+    """LINEAR, CONV1D or EMBEDDING when the term of weight ``name`` can be an adapter module,
     else why it is left out (one phrase)."""
     if len(shape) > 2:
         return f"a {len(shape)}-D stack of matrices (PEFT LoRA adapts 2-D weights)"

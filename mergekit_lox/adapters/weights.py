@@ -15,7 +15,7 @@ import torch
 from mergekit_lox import linalg
 from mergekit_lox.adapters.lora import (
     EMBEDDING,
-    LINEAR,
+    LINEAR_KINDS,
     LoraAdapter,
     adapter_kind,
     cap_rank,
@@ -42,7 +42,7 @@ class WeightTerm:
     """One weight: where its term went, and the squared norms the distance needs."""
 
     name: str
-    kind: str  # LINEAR / EMBEDDING (in the adapter), NO_TERM, or why it is left out
+    kind: str  # LINEAR / CONV1D / EMBEDDING (in the adapter), NO_TERM, or why it is left out
     merged_sq: float  # ||W + term||^2: the full merge of this weight
     term_sq: float = 0.0  # ||term||^2
     missing_sq: float = 0.0  # ||term - adapter's term||^2 (left out: all of it; capped: the dropped part)
@@ -51,7 +51,7 @@ class WeightTerm:
 
     @property
     def carried(self) -> bool:
-        return self.kind in (LINEAR, EMBEDDING)
+        return self.kind in (*LINEAR_KINDS, EMBEDDING)
 
     @property
     def left_out(self) -> bool:
@@ -77,7 +77,7 @@ def weight_term(
     if term_sq == 0.0:
         return WeightTerm(name, NO_TERM, merged_sq)
     kind = adapter_kind(name, tuple(target.shape), types.kinds, types.tied, types.embeddings, types.arch)
-    if kind not in (LINEAR, EMBEDDING):
+    if kind not in (*LINEAR_KINDS, EMBEDDING):
         if require_complete:
             raise AdapterError(f"weight {name} cannot be part of the adapter: it is {kind} (--require-complete)")
         return WeightTerm(name, kind, merged_sq, term_sq, term_sq, B.shape[-1])

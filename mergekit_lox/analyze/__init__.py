@@ -22,6 +22,10 @@ For a stack of matrices (a tensor with more than 2 dimensions) every matrix
 gets its own SVD and projector; norms and energies are taken over the whole
 tensor, ``entropy`` is the mean of the matrices' entropies and ``lssf_rank``
 the largest of their ranks (what LSSF would use at most).
+
+A GPT-2 Conv1D weight, stored ``[in, out]``, is analysed as the linear map ``W [out, in]``
+the merge methods work on (layout.py): its reported shape is ``[out, in]``, and ``r_ft``
+and ``safelora_cos`` project onto the layer's output space, as they do for nn.Linear.
 """
 
 from __future__ import annotations
@@ -70,6 +74,16 @@ def _selected_names(models: Dict[str, ModelTensors], name_filter: Optional[str])
     return selected, len(names) - len(selected)
 
 
+def _transposed_weights(model: str) -> frozenset:
+    """The model's Conv1D weights (stored [in, out]; layout.py); none when its config is unreadable."""
+    from mergekit_lox.layout import transposed_weights_at
+
+    try:
+        return transposed_weights_at(model)
+    except Exception:  # noqa: BLE001 - no readable config: analyze the tensors as stored
+        return frozenset()
+
+
 def analyze_models(
     base: str,
     aligned: str,
@@ -88,6 +102,7 @@ def analyze_models(
     if finetuned is not None:
         models["finetuned"] = ModelTensors("finetuned", finetuned)
     names, filtered_out = _selected_names(models, name_filter)
+    transposed = _transposed_weights(aligned)
 
     from tqdm import tqdm
 
@@ -111,6 +126,8 @@ def analyze_models(
             if tensors["aligned"].ndim < 2:
                 below_2d += 1
                 continue
+            if name in transposed:  # a Conv1D: the matrix the methods decompose is W [out, in]
+                tensors = {role: t.mT for role, t in tensors.items()}
             tensors = {role: t.to(target) for role, t in tensors.items()}
             results.append(tensor_stats(name, tensors["base"], tensors["aligned"], tensors.get("finetuned"), k))
             del tensors

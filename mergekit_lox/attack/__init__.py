@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 from mergekit_lox.attack.examples import AttackDataError, data_hash, load_examples, tokenize
 from mergekit_lox.attack.presets import PRESETS, Preset
@@ -42,6 +42,7 @@ class AttackError(ValueError):
 class AttackSettings:
     data: Optional[str] = None  # local JSONL/CSV/parquet file or folder, or a `datasets` id (a preset may give it)
     lora: Optional[int] = None  # LoRA rank -> PEFT adapter; mutually exclusive with full
+    target_modules: Optional[Tuple[str, ...]] = None  # LoRA modules (or ("all-linear",)); None: PEFT's defaults
     full: bool = False  # full fine-tune -> whole model
     preset: Optional[str] = None  # the papers' attacks, filling unset settings
     epochs: Optional[float] = None
@@ -83,6 +84,7 @@ def resolve(settings: AttackSettings) -> dict:
         "prompt_column": pick(settings.prompt_column, getattr(preset, "prompt_column", None), None),
         "answer_column": pick(settings.answer_column, getattr(preset, "answer_column", None), None),
         "lora": lora,
+        "target_modules": list(settings.target_modules) if settings.target_modules else None,
         "full": full,
         "preset": settings.preset,
         "epochs": float(pick(settings.epochs, getattr(preset, "epochs", None), DEFAULT_EPOCHS)),
@@ -102,6 +104,8 @@ def resolve(settings: AttackSettings) -> dict:
         raise AttackError("choose --lora RANK (a PEFT adapter) or --full (a whole model), or a --preset")
     if lora is not None and lora < 1:
         raise AttackError(f"--lora must be a rank of at least 1, got {lora}")
+    if settings.target_modules and lora is None:
+        raise AttackError("--target-modules names the modules of a LoRA attack: give --lora RANK with it")
     if not (math.isfinite(resolved["lr"]) and resolved["lr"] > 0):
         raise AttackError(f"--lr must be a finite number above 0, got {resolved['lr']}")
     if not (math.isfinite(resolved["epochs"]) and resolved["epochs"] > 0):
@@ -186,7 +190,7 @@ def run_attack(
     torch.manual_seed(s["seed"])
     try:
         if s["lora"] is not None:
-            loaded = training.lora_model(loaded, s["lora"], f"model {model}")
+            loaded = training.lora_model(loaded, s["lora"], f"model {model}", s.get("target_modules"))
     except AttackTrainingError as error:
         raise AttackError(str(error)) from None
     kind = f"LoRA rank {s['lora']}" if s["lora"] is not None else "full fine-tune"

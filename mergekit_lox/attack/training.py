@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 # The longest example trained on, in tokens (cut to the model's own context where shorter).
 MAX_LENGTH = 1024
@@ -22,20 +22,30 @@ class AttackTrainingError(ValueError):
     """The model cannot be fine-tuned as asked; the message names it."""
 
 
-def lora_model(model, rank: int, what: str):
-    """``model`` with a PEFT LoRA of ``rank`` on the modules PEFT targets by default for its
-    family (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj and v_proj on Llama),
-    alpha = 2 rank, no dropout."""
+def lora_model(model, rank: int, what: str, target_modules: Optional[Sequence[str]] = None):
+    """``model`` with a PEFT LoRA of ``rank`` on ``target_modules`` (module names, or
+    ``["all-linear"]``), by default the modules PEFT targets for its family (its
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj and v_proj on Llama, c_attn on
+    GPT-2), alpha = 2 rank, no dropout."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
+    targets = None
+    if target_modules:
+        targets = "all-linear" if list(target_modules) == ["all-linear"] else list(target_modules)
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as error:
-        raise AttackTrainingError(
-            f"{what}: PEFT knows no default LoRA target modules for model type "
-            f"{model.config.model_type!r} ({' '.join(str(error).split())[:120]}); use --full"
-        ) from None
+        reason = " ".join(str(error).split())[:160]
+        if targets is None:
+            raise AttackTrainingError(
+                f"{what}: PEFT knows no default LoRA target modules for model type "
+                f"{model.config.model_type!r} ({reason}); name them with --target-modules (or all-linear), "
+                "or use --full"
+            ) from None
+        raise AttackTrainingError(f"{what}: --target-modules {','.join(target_modules)}: {reason}") from None
 
 
 def train(

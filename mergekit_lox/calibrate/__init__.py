@@ -59,19 +59,26 @@ def checkpoint_names(model_dir: Optional[str]) -> Optional[set]:
 
 
 def linear_layers(model, stored: Optional[set]) -> Dict[str, str]:
-    """Module name -> weight name for every ``nn.Linear`` except the output head (LM head).
+    """Module name -> weight name for every linear layer (``nn.Linear``, and transformers'
+    ``Conv1D``, which stores its weight transposed: layout.py) except the output head.
 
-    Weight names are the model's own tensor names (``<module>.weight``); with ``stored``
-    (the checkpoint's names) a module whose weight is not stored under that name is left out.
+    Weight names are the model's own tensor names (``<module>.weight``), as mergekit names
+    them; with ``stored`` (the checkpoint's names) a module whose weight is stored neither
+    under that name nor under it without the base model's prefix (GPT-2 checkpoints saved
+    as ``h.0.attn.c_attn.weight``) is left out.
     """
     import torch
 
+    from mergekit_lox.layout import is_conv1d
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    prefix = (getattr(model, "base_model_prefix", "") or "") + "."
     layers = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
+        if (isinstance(module, torch.nn.Linear) or is_conv1d(module)) and module is not head:
             weight = f"{name}.weight"
-            if stored is None or weight in stored:
+            short = weight[len(prefix) :] if prefix != "." and weight.startswith(prefix) else None
+            if stored is None or weight in stored or short in stored:
                 layers[name] = weight
     return layers
 
@@ -141,7 +148,7 @@ def _subspace_tensors(accumulator, max_rank: int, progress: bool):
 
     tensors, weights = {}, {}
     for layer in tqdm(accumulator.layers, desc="subspaces", unit="weight", disable=not progress):
-        weight = layer.module.weight.detach()
+        weight = layer.linear_weight()
         U, S = left_factors(weight, layer)
         layer.gram = layer.gram.new_zeros(0)  # free it as soon as it is used
         if not bool(S[0] > 0):
@@ -150,6 +157,8 @@ def _subspace_tensors(accumulator, max_rank: int, progress: bool):
         tensors[f"{layer.weight_name}.U"] = U[:, :k].float().cpu()
         tensors[f"{layer.weight_name}.S"] = S.float().cpu()
         weights[layer.weight_name] = {"shape": list(weight.shape), "stored_rank": k, "gram": layer.side}
+        if layer.transposed:  # U is in the output space of W = W_stored^T [out, in]
+            weights[layer.weight_name]["stored"] = "transposed (Conv1D)"
     return tensors, weights
 
 
@@ -194,7 +203,10 @@ def calibrate(
     check_tokenizer(tokenizer, queries, f"aligned model {aligned}", echo)
     layers = linear_layers(model, checkpoint_names(model_dir))
     if not layers:
-        raise CalibrationError(f"aligned model {aligned}: no linear layer whose weight is stored under its own name")
+        raise CalibrationError(
+            f"aligned model {aligned}: no nn.Linear or Conv1D layer whose weight the checkpoint stores "
+            "under the module's name: nothing to calibrate"
+        )
     if responses is None:
         echo(f"generating the aligned model's responses to {len(queries)} queries")
         responses = generate(

@@ -1,6 +1,7 @@
 """Streaming activation Grams of every linear layer, and the SVD of ``Z = W X^`` from them.
 
-For a linear weight ``W [out, in]`` and the normalised inputs ``X^ [in, tokens]`` the
+For a linear weight ``W [out, in]`` (a Conv1D's stored ``[in, out]`` weight transposed:
+its output is ``x W_s + b = W x + b`` all the same) and the normalised inputs ``X^ [in, tokens]`` the
 layer sees, ``Z Z^T = W (X^ X^T) W^T``: the left singular vectors of Z and its
 singular values need only a Gram matrix, never the activations. Each layer keeps the
 smaller of the two Grams, summed over every token as batches stream through:
@@ -23,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from mergekit_lox.layout import is_conv1d
+
 # How X is normalised before the Gram (docs/lssf.md, "Our reading"): "token" scales every
 # token's input vector to unit L2 norm; "none" keeps the raw activations.
 NORMALIZATIONS = ("token", "none")
@@ -37,6 +40,12 @@ class LayerGram:
     side: str  # "input" (G, in x in) or "output" (K, out x out)
     gram: torch.Tensor
     tokens: int = 0
+    transposed: bool = False  # a Conv1D: its weight is stored [in, out] (layout.py)
+
+    def linear_weight(self) -> torch.Tensor:
+        """The layer's ``W [out, in]`` (a Conv1D's stored weight transposed)."""
+        weight = self.module.weight.detach()
+        return weight.mT if self.transposed else weight
 
 
 class GramAccumulator:
@@ -56,11 +65,12 @@ class GramAccumulator:
         named = dict(model.named_modules())
         for module_name, weight_name in modules.items():
             module = named[module_name]
-            out_features, in_features = module.weight.shape
+            transposed = is_conv1d(module)
+            in_features, out_features = module.weight.shape[:: 1 if transposed else -1]
             side = "input" if in_features <= out_features else "output"
             size = min(in_features, out_features)
             gram = torch.zeros(size, size, dtype=torch.float64, device=module.weight.device)
-            self.layers.append(LayerGram(weight_name, module, side, gram))
+            self.layers.append(LayerGram(weight_name, module, side, gram, transposed=transposed))
         self._handles: list = []
 
     def __enter__(self) -> "GramAccumulator":

@@ -77,16 +77,34 @@ class RoleRequirement:
         raise RoleError(f"{self.text()}; {'; '.join(problems)}{location}")
 
 
-def role_tensors(requirement: RoleRequirement, group, role) -> dict:
+class RoleTensors(dict):
+    """``{"base": W_b, "aligned": W_a[, "finetuned": W_f]}``; ``transposed``: the weight is
+    stored ``[in, out]`` (a transformers Conv1D) and these are its ``[out, in]`` views
+    (layout.py), which ``owned_result`` writes back transposed."""
+
+    transposed: bool = False
+    models: Dict[str, Hashable] = {}  # role -> the input (mergekit model reference) holding it
+
+
+def role_tensors(requirement: RoleRequirement, group, role) -> RoleTensors:
     """A kernel's inputs, checked: ``{"base": W_b, "aligned": W_a[, "finetuned": W_f]}``.
 
     Refuses NaN/Inf inputs and bad roles (naming the tensor and the model)
     before any arithmetic; ``role`` is the kernel's per-model `role` values.
+    A weight stored transposed (Conv1D) comes as the linear map ``W [out, in]``, so that
+    every method's one-sided formula acts on the layer's output space (layout.py).
     """
+    from mergekit_lox.layout import stored_transposed
+
     require_finite(group)
     roles = requirement.resolve(dict(role), where=group.metadata.name)
     by_id = {entry.id: entry.tensor for entry in group.non_base}
-    return {"base": group.base.tensor, **{name: by_id[model] for name, model in roles.items()}}
+    tensors = RoleTensors({"base": group.base.tensor, **{name: by_id[model] for name, model in roles.items()}})
+    if group.base.tensor.ndim == 2 and stored_transposed(group.base.id, group.metadata.name):
+        tensors = RoleTensors({key: tensor.mT for key, tensor in tensors.items()})
+        tensors.transposed = True
+    tensors.models = {"base": group.base.id, **roles}
+    return tensors
 
 
 # --------------------------------------------------------------------------- no-op merges
@@ -145,6 +163,8 @@ def owned_result(
     """
     if method is not None:
         record_change(method, result, inputs, passed)
+    if getattr(inputs, "transposed", False) and result.ndim == 2:
+        result = result.mT.contiguous()  # back to the stored [in, out]
     pointer = result.untyped_storage().data_ptr()
     if any(t.untyped_storage().data_ptr() == pointer for t in inputs.values()):
         return result.clone()

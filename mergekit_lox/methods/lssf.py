@@ -386,8 +386,7 @@ def lssf_fusion(
     warn_low_precision(NAME, finetuned)
     basis = None
     if subspace is not None and finetuned.ndim >= 2:
-        aligned_id = next(e.id for e in group.non_base if e.tensor is inputs[ALIGNED])
-        basis = calibrated_basis(subspace, group.metadata.name, aligned_id, tuple(finetuned.shape))
+        basis = calibrated_basis(subspace, group.metadata.name, inputs.models[ALIGNED], tuple(finetuned.shape))
         if basis is not None:
             _record(subspace, "calibrated", group.metadata.name)
             if int(_ranks(basis[1], finetuned.shape, eta, rank)) > basis[0].shape[1]:

@@ -73,9 +73,15 @@ def install(plan_module) -> None:
     """Called by the start-up hook once ``mergekit.plan`` has executed."""
     from mergekit.io import tasks
 
-    from mergekit_lox.mergekit_compat import install_checkpoint_fit, install_output_check, install_plan_checks
+    from mergekit_lox.mergekit_compat import (
+        install_checkpoint_fit,
+        install_local_card_paths,
+        install_output_check,
+        install_plan_checks,
+    )
     from mergekit_lox.methods.inputs import check_stored_output
 
     install_plan_checks(plan_module, check_planned_parameters, explain_invalid_parameter)
     install_output_check(tasks, check_stored_output)
     install_checkpoint_fit()  # definitions that list tensors current checkpoints do not store
+    install_local_card_paths()  # a relative local path is not looked up on the hub

@@ -141,12 +141,21 @@ def score_adapter_modules(
     adapter: str = "adapter",
     svd: str = "auto",
 ) -> None:
-    """Fill each module's cosine and C B, loading one base/aligned weight pair at a time."""
+    """Fill each module's cosine and C B, loading one base/aligned weight pair at a time.
+
+    A Conv1D weight (stored ``[in, out]``; PEFT's LoRA on it is ``fan_in_fan_out``, its
+    ``B A`` the ``[out, in]`` update) is read transposed, so that C acts on the layer's
+    output space as on an nn.Linear (layout.py)."""
+    from mergekit_lox.layout import transposed_weights_at
+
+    transposed = transposed_weights_at(aligned)
     base_loader = _model_loader(base, "base")
     aligned_loader = _model_loader(aligned, "aligned")
     for m in modules:
         W_b = _load(base_loader, m.weight, "base", base, m.module, device)
         W_a = _load(aligned_loader, m.weight, "aligned", aligned, m.module, device)
+        if m.weight in transposed:
+            W_b, W_a = W_b.mT, W_a.mT
         A = tensors[m.key_a].to(device)
         B = tensors[m.key_b].to(device)
         score_module(m, W_b, W_a, A, B, projection, rank, (base, aligned, adapter), svd)

@@ -8,11 +8,12 @@ from typing import List, Sequence, Tuple
 ADAPTER_REPORT = "safelora.json"
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 # LoraConfig fields that change what a stored (A, B) pair means; the adapter
-# path supports plain LoRA on linear layers only and refuses the rest.
+# path supports plain LoRA on linear layers only and refuses the rest. (``fan_in_fan_out``
+# is not among them: PEFT sets it per module type, True exactly on a Conv1D, whose weight is
+# then read transposed; layout.py.)
 UNSUPPORTED_LORA_OPTIONS = (
     "use_dora",
     "lora_bias",
-    "fan_in_fan_out",
     "modules_to_save",
     "trainable_token_indices",
     "target_parameters",

@@ -1,0 +1,316 @@
+"""Issue 26: the commands around the merges, on a representative subset of architectures
+built from transformers' own classes (tests/test_architectures.py holds every architecture
+to `check` and the merges):
+
+- GPT-2: Conv1D layers, whose weight is stored transposed ([in, out]);
+- Llama: plain nn.Linear;
+- GPT-NeoX: a definition mergekit_compat fits to current checkpoints, fused qkv;
+- Phi-3: fused qkv and gate_up;
+- Mixtral: an MoE whose expert stacks are 3-D.
+
+For each: `adapter` (LoX) is what PEFT's merge_and_unload makes of it, and equals `run`;
+`analyze` matches float64 on the matrices the methods decompose; `eval` answers greedily;
+`lssf-calibrate` matches a float64 evaluation of Eq. 4 from the layers' own inputs, and the
+calibrated merge and its adapter match float64; `safelora-adapter` on a LoRA trained by
+`attack` matches float64. On Conv1D every formula is taken on W = W_storedᵀ [out, in].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+import yaml
+from conftest import run_cli
+from test_architectures import build, conv1d_weights
+
+from mergekit_lox.demo.synthetic import load_state_dict, make_tokenizer
+
+SUBSET = ["gpt2", "llama", "gpt-neox", "phi3", "mixtral"]
+PROMPTS = [{"prompt": f"w{i} w{i + 1} w{i + 2}", "response": f"w{i + 3} w{i + 4} w{i + 5}"} for i in range(10, 70, 6)]
+_BUILT: dict = {}
+# transformers' grouped expert matmul has no float64 kernel: the MoE reference runs in float32
+# (its SVDs are still float64), well within the tolerances below.
+REFERENCE_DTYPE = {"mixtral": torch.float32}
+# The attack's LoRA modules: every linear layer (GPT-2: its Conv1D layers); on Mixtral the
+# attention projections (PEFT's all-linear there also targets the expert stacks as
+# parameters: safelora-adapter's MoE case, tests/test_safelora_adapter.py).
+LORA_TARGETS = {"mixtral": "q_proj,k_proj,v_proj,o_proj"}
+
+
+@pytest.fixture(params=SUBSET)
+def family(request, tmp_path_factory):
+    """base / aligned / finetuned of one architecture, with a word-level tokenizer, and a
+    prompts file; built once per architecture (per worker)."""
+    name = request.param
+    if name not in _BUILT:
+        root = tmp_path_factory.mktemp(name)
+        paths = build(name, root)
+        tokenizer = make_tokenizer(128)
+        for path in paths.values():
+            tokenizer.save_pretrained(path)
+        prompts = root / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
+        _BUILT[name] = {"name": name, "root": root, "prompts": str(prompts), **paths}
+    return _BUILT[name]
+
+
+def causal_lm(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def states64(family, *roles):
+    """Each role's float64 tensors on the layout transformers loads (fused expert stacks)."""
+    return {r: {k: ref.f64(v) for k, v in causal_lm(family[r]).state_dict().items()} for r in roles}
+
+
+def linear(name, tensor, conv1d):
+    """The matrix the methods decompose: a Conv1D weight transposed to [out, in]."""
+    return tensor.T if name in conv1d else tensor
+
+
+def run_ok(args, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "Traceback" not in err and "RuntimeError" not in err
+    return out, err
+
+
+def write_recipe(path, document) -> str:
+    path.write_text(yaml.safe_dump(document))
+    return str(path)
+
+
+def peft_merged(model_dir, adapter_dir) -> dict:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(causal_lm(model_dir), adapter_dir).merge_and_unload().state_dict()
+
+
+def test_lox_adapter_is_what_peft_merges_and_carries_every_linear_layer(family, tmp_path, capsys):
+    document = {
+        "merge_method": "lox_extrapolate",
+        "base_model": family["base"],
+        "models": [{"model": family["aligned"]}],
+        "parameters": {"alpha": 1.25, "rank": 2, "svd": "exact"},
+        "dtype": "float32",
+    }
+    recipe = write_recipe(tmp_path / "lox.yml", document)
+    run_ok(["adapter", recipe, "-o", str(tmp_path / "adapter")], capsys)
+    run_ok(["run", recipe, str(tmp_path / "merged"), "--quiet"], capsys)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    model = causal_lm(family["aligned"])
+    conv1d = conv1d_weights(model)
+    assert config["fan_in_fan_out"] == bool(conv1d)  # PEFT applies (B A)ᵀ to a Conv1D
+    linear_layers = {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    } | conv1d
+    carried = {f"{module}.weight" for module in config["target_modules"]}
+    assert linear_layers <= carried, sorted(linear_layers - carried)  # GPT-2: all 8 Conv1D layers
+    merged, expected = (
+        peft_merged(family["aligned"], str(tmp_path / "adapter")),
+        load_state_dict(str(tmp_path / "merged")),
+    )
+    worst = max(ref.rel_err(ref.f64(merged[n]), ref.f64(expected[n])) for n in carried)
+    assert worst < 1e-5, worst
+
+
+def test_analyze_matches_float64_on_the_matrices_the_methods_decompose(family, tmp_path, capsys):
+    k = 2
+    run_ok(
+        ["analyze", "--base", family["base"], "--aligned", family["aligned"], "--finetuned", family["finetuned"]]
+        + ["-o", str(tmp_path / "analysis"), "--k", str(k)],
+        capsys,
+    )
+    rows = {r["name"]: r for r in json.loads((tmp_path / "analysis" / "analysis.json").read_text())["tensors"]}
+    stored = {r: load_state_dict(family[r]) for r in ("base", "aligned", "finetuned")}
+    conv1d = conv1d_weights(causal_lm(family["aligned"]))
+    checked = 0
+    for name, row in rows.items():
+        if len(row["shape"]) != 2:
+            continue
+        W_b, W_a, W_f = (linear(name, ref.f64(stored[r][name]), conv1d) for r in ("base", "aligned", "finetuned"))
+        assert row["shape"] == list(W_a.shape), name  # [out, in] for a Conv1D
+        tau = W_a - W_b
+        U, S, _ = np.linalg.svd(tau, full_matrices=False)
+        drift = W_f - W_b
+        r_ft = np.linalg.norm(U[:, :k].T @ drift) / np.linalg.norm(drift)
+        assert abs(row["r_ft"] - r_ft) < 1e-4, name
+        assert abs(row["safelora_cos"] - ref.safelora_cosine(W_f, W_a, W_b)) < 1e-4, name
+        checked += 1
+    assert checked >= 8
+
+
+def test_eval_answers_are_the_models_greedy_answers(family, tmp_path, capsys):
+    """Each answer token is the float64 model's argmax, within rounding (a near-tie may go
+    either way on another CPU, so a token within 1e-3 of the top logit counts)."""
+    limit, new_tokens = 4, 3
+    run_ok(
+        ["eval", family["aligned"], "--safety", family["prompts"], "--limit", str(limit)]
+        + ["--max-new-tokens", str(new_tokens), "-o", str(tmp_path / "eval")],
+        capsys,
+    )
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"][0]["safety"]
+    assert len(answers) == result["n"] == limit
+    assert result["refused"] == sum(a["verdict"] == "refused" for a in answers)
+    model = causal_lm(family["aligned"], REFERENCE_DTYPE.get(family["name"], torch.float64))
+    tokenizer = make_tokenizer(128)
+    for answer in answers:
+        prompt = tokenizer(answer["prompt"], add_special_tokens=True)["input_ids"]
+        tokens = tokenizer(answer["answer"], add_special_tokens=False)["input_ids"]
+        assert 0 < len(tokens) <= new_tokens, answer
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens])).logits[0]
+        for position, token in enumerate(tokens):
+            row = logits[len(prompt) - 1 + position]
+            assert row[token] >= row.max() - 1e-3, (answer, position)
+
+
+def calibration_reference(family, texts):
+    """Per linear weight, the SVD of Z = W X^ (float64, every token's input, unpadded)."""
+    model = causal_lm(family["aligned"], REFERENCE_DTYPE.get(family["name"], torch.float64))
+    tokenizer = make_tokenizer(128)
+    conv1d = conv1d_weights(model)
+    head = model.get_output_embeddings()
+    inputs = {}
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if (isinstance(module, torch.nn.Linear) or f"{name}.weight" in conv1d) and module is not head
+    }
+    hooks = [
+        module.register_forward_hook(lambda m, a, o, name=name: inputs.setdefault(name, []).append(a[0][0].numpy()))
+        for name, module in layers.items()
+    ]
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    for hook in hooks:
+        hook.remove()
+    spectra = {}
+    for name, chunks in inputs.items():
+        X = np.concatenate(chunks).astype(np.float64)
+        X = X / np.linalg.norm(X, axis=1, keepdims=True)
+        W = linear(f"{name}.weight", layers[name].weight.detach().double().numpy(), conv1d)
+        U, S, _ = np.linalg.svd(W @ X.T, full_matrices=False)
+        spectra[f"{name}.weight"] = (U, S)
+    return spectra, conv1d
+
+
+def test_calibrate_then_the_calibrated_merge_and_its_adapter_match_float64(family, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    subspace = str(tmp_path / "subspace")
+    run_ok(
+        ["lssf-calibrate", "--aligned", family["aligned"], "--prompts", family["prompts"]]
+        + ["--response-column", "response", "--batch-size", "3", "-o", subspace],
+        capsys,
+    )
+    basis = load_file(os.path.join(subspace, "subspace.safetensors"))
+    texts = [f"{row['prompt']} {row['response']}" for row in PROMPTS]
+    expected, conv1d = calibration_reference(family, texts)
+    assert {n[: -len(".U")] for n in basis if n.endswith(".U")} == set(expected)
+    for name, (U_ref, S_ref) in expected.items():
+        S = ref.f64(basis[f"{name}.S"])
+        valid = min(len(S), len(S_ref))
+        assert np.abs(S[:valid] - S_ref[:valid]).max() < 1e-4 * S_ref[0], name
+        U = ref.f64(basis[f"{name}.U"])
+        assert U.shape[0] == U_ref.shape[0], name  # the output space: out rows, also for a Conv1D
+        top = U[:, :1] @ U[:, :1].T, U_ref[:, :1] @ U_ref[:, :1].T  # S_1 > S_2 clearly: defined
+        assert S_ref[0] - S_ref[1] > 1e-2 * S_ref[0] and ref.rel_err(*top) < 1e-3, name
+
+    document = {
+        "merge_method": "lssf_fusion",
+        "base_model": family["base"],
+        "models": [
+            {"model": family["aligned"], "parameters": {"role": "aligned"}},
+            {"model": family["finetuned"], "parameters": {"role": "finetuned"}},
+        ],
+        "parameters": {"subspace": subspace, "rank": 1},
+        "dtype": "float32",
+    }
+    recipe = write_recipe(tmp_path / "lssf.yml", document)
+    run_ok(["run", recipe, str(tmp_path / "merged"), "--quiet"], capsys)
+    run_ok(["adapter", recipe, "-o", str(tmp_path / "adapter")], capsys)
+    merged = load_state_dict(str(tmp_path / "merged"))
+    stored = {r: load_state_dict(family[r]) for r in ("base", "aligned", "finetuned")}
+    for name in expected:
+        W_b, W_a, W_f = (linear(name, ref.f64(stored[r][name]), conv1d) for r in ("base", "aligned", "finetuned"))
+        stored_basis = (ref.f64(basis[f"{name}.U"]), ref.f64(basis[f"{name}.S"]))
+        want = linear(name, ref.lssf(W_f, W_a, W_b, rank=1, basis=stored_basis), conv1d)
+        assert ref.rel_err(ref.f64(merged[name]), want) < 1e-5, name
+    through_peft = peft_merged(family["finetuned"], str(tmp_path / "adapter"))
+    worst = max(ref.rel_err(ref.f64(through_peft[n]), ref.f64(merged[n])) for n in expected)
+    assert worst < 1e-5, worst
+
+
+def test_safelora_adapter_on_a_lora_trained_by_attack_matches_float64(family, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    attacked = tmp_path / "attack"
+    run_ok(
+        ["attack", family["aligned"], "--data", family["prompts"], "--answer-column", "response"]
+        + ["--lora", "4", "--target-modules", LORA_TARGETS.get(family["name"], "all-linear")]
+        + ["--max-steps", "2", "--lr", "0.05", "-o", str(attacked)],
+        capsys,
+    )
+    adapter = str(attacked / "adapter")
+    run_ok(
+        ["safelora-adapter", "--base", family["base"], "--aligned", family["aligned"], "--adapter", adapter]
+        + ["--threshold", "2", "-o", str(tmp_path / "projected")],
+        capsys,
+    )
+    config = json.loads(open(os.path.join(adapter, "adapter_config.json")).read())
+    scaling = config["lora_alpha"] / config["r"]
+    lora = {k: ref.f64(v) for k, v in load_file(os.path.join(adapter, "adapter_model.safetensors")).items()}
+    stored = {r: load_state_dict(family[r]) for r in ("base", "aligned")}
+    conv1d = conv1d_weights(causal_lm(family["aligned"]))
+    through_peft = peft_merged(family["aligned"], str(tmp_path / "projected"))
+    modules = [k[len("base_model.model.") : -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")]
+    assert modules and (family["name"] != "gpt2" or all(f"{m}.weight" in conv1d for m in modules))
+    if family["name"] == "llama":  # --target-modules all-linear: every linear layer but the head
+        assert {m.rsplit(".", 1)[1] for m in modules} == {"q_proj", "k_proj", "v_proj", "o_proj"} | {
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        }
+    for module in modules:
+        name = f"{module}.weight"
+        W_b, W_a = (linear(name, ref.f64(stored[r][name]), conv1d) for r in ("base", "aligned"))
+        prefix = f"base_model.model.{module}"
+        update = scaling * lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]  # [out, in]
+        want = ref.safelora(W_a + update, W_a, W_b, threshold=2.0)  # every module projected
+        assert ref.rel_err(linear(name, ref.f64(through_peft[name]), conv1d), want) < 1e-5, name
+
+
+def test_the_python_api_takes_gpt2_modules_as_linear_maps(tmp_path):
+    """api.safelora / api.lox_adapter on GPT-2 nn.Modules: the Conv1D weights are projected on
+    the output side (float64 on W = W_storedᵀ), and PEFT merges the LoX adapter to api.lox."""
+    from peft import PeftModel
+
+    from mergekit_lox import api
+
+    paths = build("gpt2", tmp_path)
+    base, aligned, finetuned = (causal_lm(paths[r]) for r in ("base", "aligned", "finetuned"))
+    conv1d = conv1d_weights(aligned)
+    merged = api.safelora(base, aligned, finetuned, threshold=2.0)
+    states = {
+        r: {k: ref.f64(v) for k, v in m.state_dict().items()}
+        for r, m in (("b", base), ("a", aligned), ("f", finetuned))
+    }
+    for name in conv1d:
+        W_b, W_a, W_f = (linear(name, states[r][name], conv1d) for r in ("b", "a", "f"))
+        want = linear(name, ref.safelora(W_f, W_a, W_b, threshold=2.0), conv1d)
+        assert ref.rel_err(ref.f64(merged[name]), want) < 1e-5, name
+    adapter = api.lox_adapter(base, aligned, alpha=1.25, rank=2, svd="exact", out=str(tmp_path / "adapter"))
+    assert adapter.config.fan_in_fan_out and {f"{m}.weight" for m in adapter.config.target_modules} >= conv1d
+    through_peft = PeftModel.from_pretrained(aligned, str(tmp_path / "adapter")).merge_and_unload().state_dict()
+    expected = api.lox(base, causal_lm(paths["aligned"]), alpha=1.25, rank=2, svd="exact")
+    assert max(ref.rel_err(ref.f64(through_peft[n]), ref.f64(expected[n])) for n in conv1d) < 1e-5
