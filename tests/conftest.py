@@ -23,6 +23,13 @@ from mergekit_lox.demo.synthetic import FamilySpec, build_family, load_state_dic
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# transformers creates its log handler on first use, bound to the sys.stderr of that moment:
+# created inside a test's capsys, it writes to a closed stream in every later test
+# ("--- Logging error ---"). Created now, it is bound to pytest's session-long stream.
+import transformers.utils.logging  # noqa: E402
+
+transformers.utils.logging.get_verbosity()
+
 
 @pytest.fixture(scope="session")
 def family(tmp_path_factory):

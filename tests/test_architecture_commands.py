@@ -78,6 +78,7 @@ def linear(name, tensor, conv1d):
 def run_ok(args, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
+
     assert "Traceback" not in err and "RuntimeError" not in err
     return out, err
 
