@@ -14,7 +14,9 @@ without merging) and ``ModelReference._unique_id`` (mergekit's LoRA cache key);
 its own (safelora-select's per-tensor cosines). The architecture fit uses
 ``mergekit.architecture.base._prefix_weight`` and transformers 5's
 ``conversion_mapping.get_model_conversion_mapping`` / ``core_model_loading.
-rename_source_key`` (without them, names are compared as they are).
+rename_source_key`` (without them, names are compared as they are);
+``converted_layout`` walks transformers' conversion mapping with
+``mergekit.architecture.conversion``'s ``_iter_transform_matches`` and ``_expanded_target_keys``.
 """
 
 from __future__ import annotations
@@ -884,3 +886,100 @@ def checkpoint_gaps(config, trust_remote_code: bool = False) -> Optional[Checkpo
         raise DefinitionError(
             f"mergekit's definition of {names} does not fit the config of {model} ({reason})"
         ) from error
+
+
+# --------------------------------------------------------------------------- the layout a merge reads
+# transformers 5 converts some checkpoints as it loads them (Mixtral's and Qwen-MoE's
+# per-expert w1 / w3 or gate_proj / up_proj into one fused gate_up_proj stack of shape
+# [experts, 2 * intermediate, hidden] per layer, w2 / down_proj into a down_proj stack),
+# and mergekit 0.1.5's loader applies the same conversion (``mergekit.architecture.
+# conversion``), so every merge decomposes the converted tensors. The commands that read
+# checkpoints themselves (analyze, safelora-adapter) read them through this, so they name
+# and measure the matrices the merge works on.
+
+
+def converted_layout(model_type: Optional[str], stored) -> Dict[str, Tuple[str, ...]]:
+    """``{tensor name in the layout mergekit's loader gives: the checkpoint keys it is made
+    of}`` for a checkpoint of ``model_type`` storing the keys ``stored``; the identity for
+    a model type transformers converts nothing of. Walks transformers' conversion mapping
+    for ``model_type`` as ``mergekit.architecture.conversion`` does (its private
+    ``_iter_transform_matches`` and ``_expanded_target_keys``): a renaming renames a key, a
+    converter fuses every key it matches into its target(s). A fused tensor whose keys
+    mergekit could not convert (an incomplete group of experts) stays as its keys."""
+    layout: Dict[str, Tuple[str, ...]] = {name: (name,) for name in stored}
+    if not model_type:
+        return layout
+    from mergekit.architecture.conversion import (
+        _expanded_target_keys,
+        _iter_transform_matches,
+        can_convert_checkpoint_keys,
+    )
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    for transform in get_checkpoint_conversion_mapping(model_type) or ():
+        renamed: Dict[str, Tuple[str, ...]] = {}
+        fused: Dict[str, List[str]] = {}
+        consumed = set()
+        for match in _iter_transform_matches(transform, layout):
+            if isinstance(transform, WeightRenaming):
+                renamed[match.renamed_key] = match.source_value
+            else:
+                for target in _expanded_target_keys(match.renamed_key, transform.target_patterns):
+                    fused.setdefault(target, []).extend(match.source_value)
+            consumed.add(match.source_key)
+        for target, keys in fused.items():
+            if can_convert_checkpoint_keys(model_type, set(keys), target):
+                renamed[target] = tuple(keys)
+            else:
+                consumed.difference_update(name for name, value in layout.items() if set(value) <= set(keys))
+        layout = {name: keys for name, keys in layout.items() if name not in consumed}
+        layout.update(renamed)
+    return layout
+
+
+class ConvertedCheckpoint:
+    """A checkpoint folder read one tensor at a time (mergekit's lazy loader) in the
+    layout mergekit's merges read (``converted_layout``; the model type from its
+    config.json). ``names``: layout name -> checkpoint keys; ``shard_of``: the shard
+    file of each name's first key."""
+
+    def __init__(self, path: str):
+        import json
+        import os
+
+        from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+
+        self.path = path
+        index = ShardedTensorIndex.from_disk(path)
+        model_type = None
+        config = os.path.join(path, "config.json")
+        if os.path.isfile(config):
+            try:
+                with open(config, encoding="utf-8") as f:
+                    model_type = json.load(f).get("model_type")
+            except (OSError, ValueError, AttributeError):
+                model_type = None  # an unreadable config: the checkpoint's own keys
+        self.model_type = model_type if isinstance(model_type, str) else None
+        self.names = converted_layout(self.model_type, index.tensor_paths)
+        self.shard_of = {name: index.tensor_paths[keys[0]] for name, keys in self.names.items()}
+        self.loader = LazyTensorLoader(index, lazy_unpickle=True)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def get(self, name: str, device: str = "cpu"):
+        """The tensor ``name`` as mergekit's ``LoadTensor`` gives it (read, or converted)."""
+        keys = self.names[name]
+        if keys == (name,):
+            return self.loader.get_tensor(name, device=device)
+        from mergekit.architecture.conversion import convert_checkpoint_tensors  # imports transformers
+
+        sources = {key: functools.partial(self.loader.get_tensor, key, device=device) for key in keys}
+        tensor = convert_checkpoint_tensors(self.model_type, sources, name)
+        if tensor is None:
+            raise KeyError(f"transformers' conversion for {self.model_type} gives no {name} from {', '.join(keys)}")
+        return tensor
+
+    def flush(self) -> None:
+        self.loader.flush()

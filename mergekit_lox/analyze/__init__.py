@@ -3,7 +3,10 @@
 Streams the base, aligned (and optionally fine-tuned) models one tensor name at
 a time through mergekit's lazy loader (safetensors ``safe_open``, sharded or
 not; PyTorch ``.bin`` via mergekit's lazy unpickler), so only a few tensors are
-ever in memory, and computes for every tensor with 2 or more dimensions, with
+ever in memory, in the layout mergekit's merges read (a Mixtral or Qwen-MoE
+checkpoint saved per expert is converted as mergekit's loader converts it, into one
+``experts.gate_up_proj`` and one ``experts.down_proj`` stack per layer: the matrices
+the merge decomposes), and computes for every tensor with 2 or more dimensions, with
 ``tau = W_a - W_b`` and ``dW = W_f - W_a``:
 
     entropy         H = -sum p_i ln p_i, p_i = S_i / sum S, of the singular values of tau

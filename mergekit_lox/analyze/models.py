@@ -33,29 +33,32 @@ def resolve_model(role: str, path: str) -> str:
 
 
 class ModelTensors:
-    """One model directory, read one tensor at a time (mergekit's lazy loader)."""
+    """One model directory, read one tensor at a time (mergekit's lazy loader), in the
+    layout mergekit's merges read: a checkpoint transformers converts on loading
+    (Mixtral's and Qwen-MoE's per-expert matrices into fused stacks) is converted as
+    mergekit's loader converts it (``mergekit_compat.ConvertedCheckpoint``), so every
+    tensor analyze reports is one a merge decomposes."""
 
     def __init__(self, role: str, path: str):
-        from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+        from mergekit_lox.mergekit_compat import ConvertedCheckpoint
 
         self.role = role
         self.path = resolve_model(role, path)
         try:
-            index = ShardedTensorIndex.from_disk(self.path)
+            self.checkpoint = ConvertedCheckpoint(self.path)
         except Exception as error:  # noqa: BLE001 - any unreadable index is bad input
             raise AnalysisError(
                 f"{role} model {path}: cannot read its weights (need model.safetensors, "
                 f"model.safetensors.index.json or pytorch_model.bin): {one_line(error)}"
             ) from error
-        self.shard_of: Dict[str, str] = dict(index.tensor_paths)
-        self.loader = LazyTensorLoader(index, lazy_unpickle=True)
+        self.shard_of: Dict[str, str] = self.checkpoint.shard_of
 
     def __contains__(self, name: str) -> bool:
-        return name in self.shard_of
+        return name in self.checkpoint
 
     def get(self, name: str) -> torch.Tensor:
         try:
-            return self.loader.get_tensor(name)
+            return self.checkpoint.get(name)
         except Exception as error:  # noqa: BLE001
             shard = os.path.join(self.path, self.shard_of.get(name, "?"))
             raise AnalysisError(

@@ -44,14 +44,21 @@ SUGGESTED_RANK_RULE = (
 
 # Which tensors the r_align / r_ft means cover: the weights of nn.Linear modules, as LoX's
 # R_metrics.py averages them (embeddings excluded; Llama's lm_head is an nn.Linear). Judged
-# by name, without loading the architecture: 2-D weights that are not embeddings.
+# by name, without loading the architecture: 2-D weights that are not embeddings, and the
+# expert stacks transformers 5 fuses MoE experts into (Mixtral's and Qwen-MoE's
+# experts.gate_up_proj / experts.down_proj: one linear weight per expert, in LoX's
+# transformers-4 code each its own nn.Linear), one entry per stack.
 EMBEDDING_NAMES = ("embed", "wte", "wpe")
-LINEAR_RULE = "nn.Linear weights (embeddings excluded, lm_head included), as LoX's R_metrics.py"
+LINEAR_RULE = (
+    "nn.Linear weights (embeddings excluded, lm_head included; an MoE expert stack counts once), as LoX's R_metrics.py"
+)
 
 
 def is_linear_weight(row: Dict[str, object]) -> bool:
-    name = str(row["name"])
-    return len(row["shape"]) == 2 and name.endswith(".weight") and not any(e in name for e in EMBEDDING_NAMES)
+    name, shape = str(row["name"]), row["shape"]
+    if any(e in name for e in EMBEDDING_NAMES):
+        return False
+    return (len(shape) == 2 and name.endswith(".weight")) or (len(shape) == 3 and ".experts." in name)
 
 
 @dataclass
