@@ -130,7 +130,11 @@ def test_analyze_matches_float64_on_the_matrices_the_methods_decompose(family, t
         capsys,
     )
     rows = {r["name"]: r for r in json.loads((tmp_path / "analysis" / "analysis.json").read_text())["tensors"]}
-    stored = {r: load_state_dict(family[r]) for r in ("base", "aligned", "finetuned")}
+    # analyze reads the layout mergekit merges (transformers' conversion: Mixtral's router is
+    # model.layers.N.mlp.gate, its experts fused stacks), the layout transformers loads.
+    stored = {
+        r: {**load_state_dict(family[r]), **causal_lm(family[r]).state_dict()} for r in ("base", "aligned", "finetuned")
+    }
     conv1d = conv1d_weights(causal_lm(family["aligned"]))
     checked = 0
     for name, row in rows.items():
