@@ -319,3 +319,29 @@ def test_the_python_api_takes_gpt2_modules_as_linear_maps(tmp_path):
     through_peft = PeftModel.from_pretrained(aligned, str(tmp_path / "adapter")).merge_and_unload().state_dict()
     expected = api.lox(base, causal_lm(paths["aligned"]), alpha=1.25, rank=2, svd="exact")
     assert max(ref.rel_err(ref.f64(through_peft[n]), ref.f64(expected[n])) for n in conv1d) < 1e-5
+
+
+def test_a_damaged_checkpoint_is_refused_by_the_generating_commands(tmp_path, capsys):
+    """transformers would fill a tensor the checkpoint lacks with random values and go on:
+    eval, lssf-calibrate and attack refuse it in one line, naming the tensor, writing nothing."""
+    from safetensors.torch import load_file, save_file
+
+    paths = build("llama", tmp_path)
+    make_tokenizer(128).save_pretrained(paths["aligned"])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
+    shard = os.path.join(paths["aligned"], "model.safetensors")
+    tensors = load_file(shard)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    aligned, data = paths["aligned"], str(prompts)
+    for command in (
+        ["eval", aligned, "--safety", data, "--max-new-tokens", "2", "-o", str(tmp_path / "out")],
+        ["lssf-calibrate", "--aligned", aligned, "--prompts", data, "-o", str(tmp_path / "out")],
+        ["attack", aligned, "--data", data, "--answer-column", "response", "--full", "-o", str(tmp_path / "out")],
+    ):
+        code, _, err = run_cli(command, capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1, (command[0], err)
+        assert "model.layers.1.mlp.down_proj.weight" in errors[0] and aligned in errors[0], errors[0]
+        assert not os.path.exists(tmp_path / "out"), command[0]

@@ -46,10 +46,20 @@ def load_causal_lm(path: str, *, device: str = "cpu", dtype: Optional[str] = Non
         raise ModelLoadError(f"{what} {path}: no such directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, output_loading_info=True)
     except Exception as error:  # noqa: BLE001 - transformers/hub raise many kinds; name the model
         text = " ".join(str(error).split())[:300]
         raise ModelLoadError(f"cannot load {what} {path}: {text}") from None
+    # transformers fills a tensor the checkpoint lacks (or holds in another shape) with random
+    # values and goes on with a warning: answers, activations or a fine-tune of that model
+    # would be reported as the checkpoint's. A damaged checkpoint is an error instead.
+    damaged = list(info.get("missing_keys") or ()) + [k for k, *_ in info.get("mismatched_keys") or ()]
+    if damaged:
+        raise ModelLoadError(
+            f"{what} {path}: the checkpoint lacks {len(damaged)} tensor(s) the model needs, or holds them in "
+            f"another shape ({', '.join(sorted(damaged)[:3])}{' ...' if len(damaged) > 3 else ''}): transformers "
+            "would fill them with random values; use a complete checkpoint"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(target).eval(), tokenizer
