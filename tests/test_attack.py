@@ -86,6 +86,20 @@ def test_lora_attack_writes_a_peft_adapter_that_changes_only_its_modules(tiny, t
     )
 
 
+@pytest.mark.parametrize("targets", ["k_proj,o_proj", ("k_proj", "o_proj")])
+def test_target_modules_choose_the_lora_modules(targets, tiny, tmp_path):
+    """--target-modules (a string, as on the command line and in a sweep; or a sequence)."""
+    model, data = tiny
+    settings = AttackSettings(data=data, lora=2, target_modules=targets, **quick(epochs=1.0))
+    result = run_attack(model, settings, tmp_path / "out", echo=lambda s: None)
+    adapter = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter} == {"k_proj", "o_proj"}
+    assert result.record["settings"]["target_modules"] == ["k_proj", "o_proj"]
+    merged, original = load_state_dict(str(result.model_dir)), load_state_dict(model)
+    moved = {n for n, t in original.items() if not torch.equal(merged[n], t)}
+    assert moved and all(n.endswith(("k_proj.weight", "o_proj.weight")) for n in moved)
+
+
 def test_an_attack_is_deterministic_for_a_seed_and_never_run_twice(tiny, tmp_path):
     model, data = tiny
     settings = AttackSettings(data=data, lora=2, max_steps=3, seed=5, **quick())

@@ -42,7 +42,8 @@ class AttackError(ValueError):
 class AttackSettings:
     data: Optional[str] = None  # local JSONL/CSV/parquet file or folder, or a `datasets` id (a preset may give it)
     lora: Optional[int] = None  # LoRA rank -> PEFT adapter; mutually exclusive with full
-    target_modules: Optional[Tuple[str, ...]] = None  # LoRA modules (or ("all-linear",)); None: PEFT's defaults
+    # LoRA modules: names, or "all-linear" (a comma-separated string or a sequence); None: PEFT's defaults
+    target_modules: Optional[Union[str, Tuple[str, ...]]] = None
     full: bool = False  # full fine-tune -> whole model
     preset: Optional[str] = None  # the papers' attacks, filling unset settings
     epochs: Optional[float] = None
@@ -65,6 +66,15 @@ class AttackResult:
     record: dict  # what out/attack.json holds
 
 
+def _module_names(target_modules) -> Optional[list]:
+    """``--target-modules`` / a sweep's ``target_modules:``: a comma-separated string or a list."""
+    if not target_modules:
+        return None
+    if isinstance(target_modules, str):
+        target_modules = target_modules.split(",")
+    return [str(name).strip() for name in target_modules if str(name).strip()] or None
+
+
 def resolve(settings: AttackSettings) -> dict:
     """The settings the attack runs with: the options, the preset for what they leave
     unset, the defaults for the rest; checked (one error line each)."""
@@ -84,7 +94,7 @@ def resolve(settings: AttackSettings) -> dict:
         "prompt_column": pick(settings.prompt_column, getattr(preset, "prompt_column", None), None),
         "answer_column": pick(settings.answer_column, getattr(preset, "answer_column", None), None),
         "lora": lora,
-        "target_modules": list(settings.target_modules) if settings.target_modules else None,
+        "target_modules": _module_names(settings.target_modules),
         "full": full,
         "preset": settings.preset,
         "epochs": float(pick(settings.epochs, getattr(preset, "epochs", None), DEFAULT_EPOCHS)),
