@@ -5,12 +5,17 @@ gate-and-up matrix. `analyze` and `adapter` must name and measure those same mat
 (held here to float64 SVDs of the fused per-expert matrices, read through transformers'
 own loading); the merge's values on that layout are held to float64 by
 tests/test_architectures.py::test_lox_runs_and_matches_float64_on_every_architecture.
+MoE adapters: `safelora-adapter` on PEFT's all-linear LoRA of these models (attention,
+routers and expert stacks, the last two as PEFT target_parameters), merged by PEFT, against
+Safe LoRA in float64; GPT-OSS's transposed expert stacks refused in one line.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 
 import numpy as np
 import pytest
@@ -158,3 +163,153 @@ def test_adapter_leaves_out_the_stacks_analyze_reports(moe, capsys):
     with open(root / "adapter-analysis" / "analysis.json", encoding="utf-8") as f:
         analysed = {row["name"] for row in json.load(f)["tensors"]}
     assert analysed == modules | set(left_out)
+
+
+# --------------------------------------------------------------------------- safelora-adapter on MoE LoRAs
+
+
+def train_free_lora(aligned: str, out: str, **options) -> str:
+    """A PEFT LoRA on the aligned model with random A and B (no training: the projection
+    does not care how they were found), saved as PEFT saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(aligned)
+    config = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **options)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def lora_updates(adapter: str, aligned: dict) -> dict:
+    """{parameter: s B A in float64}, by PEFT's documented layouts, computed here (not by
+    PEFT or our code): an nn.Linear or a 2-D parameter is s B A; an expert stack of E
+    experts stores A [E r, in] and B [out, r E], expert e's update s B[:, e::E] A[e r:(e+1) r].
+    The two stacks of one experts module (one saved under .base_layer) are told apart by
+    their [out, in], against ``aligned`` (name -> array); the tiny models keep them distinct."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+
+    def pattern(table, weight, default):
+        return next((v for k, v in table.items() if re.search(k + "$", weight)), default)
+
+    tensors = {k: ref.f64(v) for k, v in load_file(os.path.join(adapter, "adapter_model.safetensors")).items()}
+    updates = {}
+    for key, A in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        B = tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
+        owner = key[: -len(".lora_A.weight")].removeprefix("base_model.model.").replace(".base_layer", "")
+        if owner.endswith(".experts"):
+            weight = next(
+                f"{owner}.{p}"
+                for p in ("gate_up_proj", "down_proj")
+                if aligned[f"{owner}.{p}"].shape[1:] == (B.shape[0], A.shape[1])
+            )
+        else:
+            weight = owner + ".weight"
+        experts = aligned[weight].shape[0] if aligned[weight].ndim == 3 else 1
+        rank = A.shape[0] // experts
+        assert rank == pattern(config["rank_pattern"], weight, config["r"]), weight
+        scaling = pattern(config["alpha_pattern"], weight, config["lora_alpha"]) / rank
+        updates[weight] = np.stack(
+            [scaling * B[:, e::experts] @ A[e * rank : (e + 1) * rank] for e in range(experts)]
+        ).reshape(aligned[weight].shape)
+    return updates
+
+
+@pytest.mark.parametrize("threshold", [2.0, None])
+def test_safelora_adapter_projects_an_all_linear_moe_lora(moe, threshold, capsys):
+    """PEFT's all-linear on Mixtral / Qwen3-MoE targets attention (nn.Linear), the routers and
+    both expert stacks (target_parameters). The projected adapter, merged by PEFT, equals
+    Safe LoRA in float64 on every adapted weight: each expert's update projected with its own
+    C, one decision per stack, as safelora_project decides on the stack the merge reads.
+    Threshold 2 projects every weight; None: one between the float64 cosines."""
+    from safelora_helpers import threshold_between
+
+    name, root, paths = moe
+    adapter = str(root / "lora")
+    if not os.path.isdir(adapter):
+        train_free_lora(paths["aligned"], adapter, target_modules="all-linear")
+    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+        assert set(json.load(f)["target_parameters"]) == {"gate.weight", "gate_up_proj", "down_proj"}
+    base, aligned = loaded_state(paths["base"]), loaded_state(paths["aligned"])
+    updates = lora_updates(adapter, aligned)
+    assert {n for n, u in updates.items() if u.ndim == 3} == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")
+    }
+    finetuned = {n: aligned[n] + u for n, u in updates.items()}
+    cosines = {n: ref.safelora_cosine(finetuned[n], aligned[n], base[n]) for n in updates}
+    if threshold is None:
+        threshold = threshold_between(cosines)
+    out = root / f"projected-{threshold}"
+    code, stdout, err = run_cli(
+        ["safelora-adapter", "--base", paths["base"], "--aligned", paths["aligned"], "--adapter", adapter]
+        + ["-o", str(out), "--threshold", repr(threshold)],
+        capsys,
+    )
+    assert code == 0, err
+    with open(out / "safelora.json", encoding="utf-8") as f:
+        report = {m["module"]: m for m in json.load(f)["modules"]}
+    stacks = [n for n in updates if updates[n].ndim == 3]
+    assert set(stacks) <= set(report)  # named by the parameter, not PEFT's ...experts.base_layer
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["aligned"]), str(out))
+    merged = {n: ref.f64(t) for n, t in merged.merge_and_unload().state_dict().items()}
+    projected = set()
+    for weight, W_f in finetuned.items():
+        expected = ref.safelora(W_f, aligned[weight], base[weight], threshold)
+        assert ref.rel_err(merged[weight], expected) < 1e-5, weight
+        if expected is not W_f:
+            projected.add(weight)
+            assert ref.rel_err(merged[weight], W_f) > 1e-3, weight  # the projection changed it
+    assert {w for w, c in cosines.items() if c <= threshold} == projected
+    if threshold == 2.0:
+        assert projected == set(updates)
+    else:
+        assert 0 < len(projected) < len(updates)
+    print(f"{name}: threshold {threshold:.4g}: {len(projected)} of {len(updates)} weights projected")
+
+
+def test_safelora_adapter_refuses_a_transposed_expert_stack_in_one_line(tmp_path, capsys):
+    """GPT-OSS stores its experts [experts, in, out] (PEFT applies (B_e A_e)ᵀ): safelora-adapter
+    does not project that layout; it says so naming the parameter, exit 1, nothing written."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = transformers.GptOssConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["full_attention", "sliding_attention"],
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    for role in ("base", "aligned"):
+        model.save_pretrained(tmp_path / role)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
+    get_peft_model(model, lora).save_pretrained(tmp_path / "lora")
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        ["safelora-adapter", "--base", str(tmp_path / "base"), "--aligned", str(tmp_path / "aligned")]
+        + ["--adapter", str(tmp_path / "lora"), "-o", str(out)],
+        capsys,
+    )
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, err
+    assert "parameter model.layers.0.mlp.experts.gate_up_proj is an expert stack stored [experts, in, out]" in errors[0]
+    assert "safelora_project" in errors[0] and "Traceback" not in err
+    assert not out.exists()

@@ -27,6 +27,7 @@ from mergekit_lox.safelora_tools.common import (
     refuse_inside,
     select_lowest,
 )
+from mergekit_lox.safelora_tools.parameters import expert_factors, parameter_targets, stacked_b
 
 
 @dataclass
@@ -38,6 +39,7 @@ class AdapterModule:
     key_a: str
     key_b: str
     scaling: float
+    experts: int = 1  # > 1: PEFT's LoRA on an expert stack, one (B_e, A_e) per expert (parameters.py)
     cos: Optional[float] = None
     projected_b: Optional[torch.Tensor] = None
     projected: bool = False
@@ -54,14 +56,15 @@ def read_lora_config(adapter: str):
         raise SafeLoRAToolError(f"cannot read {os.path.join(adapter, ADAPTER_CONFIG)}: {error}") from error
     if not isinstance(config, LoraConfig):
         raise SafeLoRAToolError(f"adapter {adapter} is a {config.peft_type} adapter; safelora-adapter needs LoRA")
-    refuse_unsupported_options(config, f"adapter {adapter}")
+    # target_parameters (routers, MoE expert stacks) is read by parameters.parameter_targets
+    refuse_unsupported_options(config, f"adapter {adapter}", allowed=("target_parameters",))
     return config
 
 
-def refuse_unsupported_options(config, what: str) -> None:
+def refuse_unsupported_options(config, what: str, allowed: Tuple[str, ...] = ()) -> None:
     """Plain LoRA on linear layers only: refuse the LoraConfig options that change what (A, B) mean."""
     for option in UNSUPPORTED_LORA_OPTIONS:
-        if getattr(config, option, None):
+        if option not in allowed and getattr(config, option, None):
             raise SafeLoRAToolError(
                 f"{what} uses {option}={getattr(config, option)!r}, which Safe LoRA's adapter projection does "
                 "not support (plain LoRA on linear layers only); merge it and use safelora_project instead"
@@ -76,8 +79,9 @@ def module_scaling(config, module: str, r: int) -> float:
     return alpha / math.sqrt(r) if config.use_rslora else alpha / r
 
 
-def adapter_modules(adapter: str, config, tensors: Mapping[str, torch.Tensor]) -> List[AdapterModule]:
-    """Pair every lora_A with its lora_B; refuse any tensor that is not such a pair."""
+def adapter_modules(adapter: str, config, tensors: Mapping[str, torch.Tensor], targets=None) -> List[AdapterModule]:
+    """Pair every lora_A with its lora_B; refuse any tensor that is not such a pair.
+    ``targets``: ``parameters.parameter_targets``, the pairs that adapt a parameter."""
     from peft.utils.other import get_pattern_key
 
     modules = []
@@ -101,6 +105,16 @@ def adapter_modules(adapter: str, config, tensors: Mapping[str, torch.Tensor]) -
                 "not a linear LoRA pair (B: out x r, A: r x in)"
             )
         r = A.shape[0]
+        target = (targets or {}).get(module)
+        if target is not None:  # a parameter PEFT adapts: its rank (per expert) and scaling are PEFT's
+            if r != target.rank * target.experts:
+                raise SafeLoRAToolError(
+                    f"adapter {adapter}: parameter {target.weight} has a LoRA of {r} rows for "
+                    f"{target.experts} expert(s) but its config says r={target.rank}"
+                )
+            # named by the parameter (PEFT's module of an inner pair is ...experts.base_layer)
+            modules.append(AdapterModule(target.weight, target.weight, key, key_b, target.scaling, target.experts))
+            continue
         expected_r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
         if r != expected_r:
             raise SafeLoRAToolError(
@@ -116,18 +130,21 @@ def adapter_modules(adapter: str, config, tensors: Mapping[str, torch.Tensor]) -
 
 
 def _model_loader(path: str, label: str):
-    from mergekit.io import LazyTensorLoader
+    """The checkpoint in the layout transformers loads and the merges read (Mixtral's
+    block_sparse_moe.gate as mlp.gate, per-expert matrices as fused stacks), which is the
+    layout a LoRA trained with transformers 5 names."""
+    from mergekit_lox.mergekit_compat import ConvertedCheckpoint
 
     try:
-        return LazyTensorLoader.from_disk(path, lazy_unpickle=True)
+        return ConvertedCheckpoint(path)
     except Exception as error:  # noqa: BLE001 - mergekit raises RuntimeError/FileNotFoundError
         raise SafeLoRAToolError(f"{label} model {path}: {error}") from error
 
 
 def _load(loader, name: str, label: str, path: str, module: str, device: str) -> torch.Tensor:
-    if name not in loader.index.tensor_paths:
+    if name not in loader:
         raise SafeLoRAToolError(f"tensor {name} (adapter module {module}) not found in {label} model {path}")
-    return loader.get_tensor(name, device=device)
+    return loader.get(name, device=device)
 
 
 def score_adapter_modules(
@@ -176,10 +193,12 @@ def score_module(m: AdapterModule, W_b, W_a, A, B, projection: str, rank: int, s
         (B, m.key_b, adapter, "adapter"),
     ):
         require_finite_tensor(tensor, name, source, kind)
-    if W_a.shape != W_b.shape or W_a.shape != (B.shape[0], A.shape[1]):
+    if m.experts > 1:
+        A, B = expert_factors(A, B, m.experts)
+    if W_a.shape != W_b.shape or W_a.shape != (*B.shape[:-1], A.shape[-1]):
         raise SafeLoRAToolError(
             f"module {m.module}: base {tuple(W_b.shape)}, aligned {tuple(W_a.shape)} and "
-            f"LoRA B A {(B.shape[0], A.shape[1])} shapes differ"
+            f"LoRA B A {(*B.shape[:-1], A.shape[-1])} shapes differ"
         )
     dtype = functools.reduce(torch.promote_types, map(linalg.compute_dtype, (W_a, W_b, A, B)))
     alignment = W_a.to(dtype) - W_b.to(dtype)
@@ -188,6 +207,8 @@ def score_module(m: AdapterModule, W_b, W_a, A, B, projection: str, rank: int, s
     m.cos = finite_or_none(cos)
     # C B with the same C: merged, s (C B) A = C dW, the kernel's projected update.
     m.projected_b = safelora.project_update(alignment, B.to(dtype), projection, rank, svd).cpu()
+    if m.experts > 1:  # each expert's C_e B_e, back in PEFT's [out, r E]
+        m.projected_b = stacked_b(m.projected_b)
 
 
 def projection_options(threshold: Optional[float], num_layers: Optional[int], projection: str, rank: int):
@@ -289,7 +310,7 @@ def safelora_adapter(
     tensors = load_file(weights)
     with safe_open(weights, framework="pt") as f:
         metadata = f.metadata() or {"format": "pt"}
-    modules = adapter_modules(adapter, config, tensors)
+    modules = adapter_modules(adapter, config, tensors, parameter_targets(config, aligned, adapter))
     score_adapter_modules(base, aligned, modules, tensors, projection, rank, device, adapter, svd)
 
     accuracy = safelora.cosine_accuracy(projection, svd)
