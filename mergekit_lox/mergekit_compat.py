@@ -938,13 +938,57 @@ def converted_layout(model_type: Optional[str], stored) -> Dict[str, Tuple[str, 
     return layout
 
 
+def _definition_names(path: str) -> Optional[set]:
+    """The tensor names mergekit 0.1.5's own definition of the model at ``path`` lists
+    (its slips repaired as for merging), or None where mergekit has none and infers the
+    layout from the transformers model (the converted one), or cannot tell."""
+    import logging
+
+    from mergekit.architecture import arch_info_for_config
+    from transformers import AutoConfig
+
+    logger = logging.getLogger("mergekit.architecture")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # "No JSON architecture found": mergekit then infers, as we do
+    try:
+        config = AutoConfig.from_pretrained(path)
+        arch_info = arch_info_for_config(config)
+        if arch_info is None:
+            return None
+        arch_info, _ = _repaired(arch_info, config)
+        return {w.name for w in arch_info.all_weights(config)}
+    except Exception:  # noqa: BLE001 - not decidable here: transformers' layout, as mergekit infers it
+        return None
+    finally:
+        logger.setLevel(level)
+
+
+def _as_defined(layout: Dict[str, Tuple[str, ...]], path: str) -> Dict[str, Tuple[str, ...]]:
+    """``layout`` with each converted tensor that mergekit's definition does not list put
+    back as its checkpoint keys: where the definition names the checkpoint's own tensors
+    (AFMoE's experts one by one, GraniteMoeHybrid's input_linear / output_linear), mergekit
+    reads and merges those, not transformers' layout."""
+    listed = _definition_names(path)
+    if listed is None:
+        return layout
+    kept: Dict[str, Tuple[str, ...]] = {}
+    for name, keys in layout.items():
+        if keys == (name,) or name in listed:
+            kept[name] = keys
+        else:
+            kept.update((key, (key,)) for key in keys)
+    return kept
+
+
 class ConvertedCheckpoint:
     """A checkpoint folder read one tensor at a time (mergekit's lazy loader) in the
     layout mergekit's merges read (``converted_layout``; the model type from its
     config.json). ``names``: layout name -> checkpoint keys; ``shard_of``: the shard
-    file of each name's first key."""
+    file of each name's first key. ``as_merged=False``: transformers' layout throughout,
+    the one a PEFT adapter trained on the model names, even where mergekit's definition
+    names the checkpoint's own tensors (AFMoE, GraniteMoeHybrid; see ``_as_defined``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, as_merged: bool = True):
         import json
         import os
 
@@ -962,6 +1006,8 @@ class ConvertedCheckpoint:
                 model_type = None  # an unreadable config: the checkpoint's own keys
         self.model_type = model_type if isinstance(model_type, str) else None
         self.names = converted_layout(self.model_type, index.tensor_paths)
+        if as_merged and any(keys != (name,) for name, keys in self.names.items()):
+            self.names = _as_defined(self.names, path)
         self.shard_of = {name: index.tensor_paths[keys[0]] for name, keys in self.names.items()}
         self.loader = LazyTensorLoader(index, lazy_unpickle=True)
 

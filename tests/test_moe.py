@@ -135,6 +135,26 @@ def test_analyze_reports_the_matrices_the_merge_decomposes(moe, capsys):
     assert difference > 1e-3
 
 
+# The other mixture-of-experts models of tests/test_architectures.py: where mergekit's definition
+# names the checkpoint's own tensors (AFMoE's experts one by one, GraniteMoeHybrid's
+# input_linear / output_linear) analyze keeps them; elsewhere transformers' fused layout.
+OTHER_MOE = ["qwen2-moe", "glm4-moe", "afmoe", "granite-moe-hybrid", "deepseek-v3", "jamba", "llama4", "qwen3-vl-moe"]
+
+
+@pytest.mark.parametrize("name", OTHER_MOE)
+def test_analyze_names_the_tensors_the_merge_writes(name, tmp_path, capsys):
+    paths = build(name, tmp_path)
+    code, _, err = run_cli(["run", recipe(paths, tmp_path), str(tmp_path / "lox"), "--quiet"], capsys)
+    assert code == 0, err
+    merged = {n: list(t.shape) for n, t in load_state_dict(str(tmp_path / "lox")).items() if t.ndim >= 2}
+    code, _, err = run_cli(
+        ["analyze", "--base", paths["base"], "--aligned", paths["aligned"], "-o", str(tmp_path / "analysis")], capsys
+    )
+    assert code == 0, err
+    with open(tmp_path / "analysis" / "analysis.json", encoding="utf-8") as f:
+        assert {row["name"]: row["shape"] for row in json.load(f)["tensors"]} == merged
+
+
 def test_adapter_leaves_out_the_stacks_analyze_reports(moe, capsys):
     """`mergekit-lox adapter` plans through mergekit as the merge does: it names the same
     tensors as analyze, the expert stacks (and the routers, not nn.Linear in transformers 5)
@@ -228,9 +248,21 @@ def test_safelora_adapter_projects_an_all_linear_moe_lora(moe, threshold, capsys
     Safe LoRA in float64 on every adapted weight: each expert's update projected with its own
     C, one decision per stack, as safelora_project decides on the stack the merge reads.
     Threshold 2 projects every weight; None: one between the float64 cosines."""
-    from safelora_helpers import threshold_between
-
     name, root, paths = moe
+    check_projected_moe_lora(name, root, paths, threshold, capsys)
+
+
+@pytest.mark.parametrize("name", ["glm4-moe", "afmoe", "deepseek-v3"])
+def test_safelora_adapter_projects_other_moe_loras(name, tmp_path, capsys):
+    """The other families whose all-linear LoRA PEFT 0.21 extends to routers and expert stacks."""
+    check_projected_moe_lora(name, tmp_path, build(name, tmp_path), 2.0, capsys)
+
+
+def check_projected_moe_lora(name, root, paths, threshold, capsys):
+    from peft import PeftModel
+    from safelora_helpers import threshold_between
+    from test_architectures import model_class
+
     adapter = str(root / "lora")
     if not os.path.isdir(adapter):
         train_free_lora(paths["aligned"], adapter, target_modules="all-linear")
@@ -238,15 +270,14 @@ def test_safelora_adapter_projects_an_all_linear_moe_lora(moe, threshold, capsys
         assert set(json.load(f)["target_parameters"]) == {"gate.weight", "gate_up_proj", "down_proj"}
     base, aligned = loaded_state(paths["base"]), loaded_state(paths["aligned"])
     updates = lora_updates(adapter, aligned)
-    assert {n for n, u in updates.items() if u.ndim == 3} == {
-        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")
-    }
+    stacks = {n for n, u in updates.items() if u.ndim == 3}
+    assert stacks and all(n.endswith(("experts.gate_up_proj", "experts.down_proj")) for n in stacks)
     finetuned = {n: aligned[n] + u for n, u in updates.items()}
     cosines = {n: ref.safelora_cosine(finetuned[n], aligned[n], base[n]) for n in updates}
     if threshold is None:
         threshold = threshold_between(cosines)
     out = root / f"projected-{threshold}"
-    code, stdout, err = run_cli(
+    code, _, err = run_cli(
         ["safelora-adapter", "--base", paths["base"], "--aligned", paths["aligned"], "--adapter", adapter]
         + ["-o", str(out), "--threshold", repr(threshold)],
         capsys,
@@ -254,12 +285,8 @@ def test_safelora_adapter_projects_an_all_linear_moe_lora(moe, threshold, capsys
     assert code == 0, err
     with open(out / "safelora.json", encoding="utf-8") as f:
         report = {m["module"]: m for m in json.load(f)["modules"]}
-    stacks = [n for n in updates if updates[n].ndim == 3]
-    assert set(stacks) <= set(report)  # named by the parameter, not PEFT's ...experts.base_layer
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["aligned"]), str(out))
+    assert stacks <= set(report)  # named by the parameter, not PEFT's ...experts.base_layer
+    merged = PeftModel.from_pretrained(model_class(name).from_pretrained(paths["aligned"]), str(out))
     merged = {n: ref.f64(t) for n, t in merged.merge_and_unload().state_dict().items()}
     projected = set()
     for weight, W_f in finetuned.items():

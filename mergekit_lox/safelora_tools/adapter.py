@@ -136,7 +136,7 @@ def _model_loader(path: str, label: str):
     from mergekit_lox.mergekit_compat import ConvertedCheckpoint
 
     try:
-        return ConvertedCheckpoint(path)
+        return ConvertedCheckpoint(path, as_merged=False)
     except Exception as error:  # noqa: BLE001 - mergekit raises RuntimeError/FileNotFoundError
         raise SafeLoRAToolError(f"{label} model {path}: {error}") from error
 
