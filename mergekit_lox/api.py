@@ -193,6 +193,7 @@ def safemerge(
 
 
 def _adapter(method: str, states, parameters, model, max_rank, embeddings, out) -> Adapter:
+    from mergekit_lox.adapters.command import locate_parameters
     from mergekit_lox.adapters.files import manifest, write_adapter_dir
     from mergekit_lox.adapters.lora import module_kinds
     from mergekit_lox.adapters.terms import TARGET_ROLE, term_factors
@@ -206,7 +207,12 @@ def _adapter(method: str, states, parameters, model, max_rank, embeddings, out) 
     if max_rank is not None and max_rank < 1:
         raise ValueError(f"max_rank must be at least 1, got {max_rank}")
     kinds, tied = module_kinds(model)
-    types = ModuleTypes(kinds, tied, type(model).__name__, embeddings)
+
+    def meta_model():
+        with torch.device("meta"):
+            return type(model)(model.config)
+
+    types = ModuleTypes(kinds, tied, type(model).__name__, embeddings, meta_model)
     target_role = TARGET_ROLE[method]
     transposed = _transposed(model)  # Conv1D: the term is that of W [out, in] (fan_in_fan_out)
     weights = []
@@ -220,6 +226,7 @@ def _adapter(method: str, states, parameters, model, max_rank, embeddings, out) 
     target_path = getattr(model, "name_or_path", None) or None
     task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
     config = adapter.lora_config(target_path, task_type)
+    locate_parameters(adapter, config, types)
     if out is not None:
         models = {role: "(in memory)" for role in states}
         record = manifest(method, parameters, models, str(target_path), terms, adapter.ranks(), max_rank)

@@ -27,6 +27,7 @@ import torch
 import yaml
 from conftest import run_cli
 from test_architectures import build, conv1d_weights
+from test_architectures import recipe as lox_recipe  # LoX, alpha 1.25, rank 2, exact SVD
 
 from mergekit_lox.demo.synthetic import load_state_dict, make_tokenizer
 
@@ -95,14 +96,7 @@ def peft_merged(model_dir, adapter_dir) -> dict:
 
 
 def test_lox_adapter_is_what_peft_merges_and_carries_every_linear_layer(family, tmp_path, capsys):
-    document = {
-        "merge_method": "lox_extrapolate",
-        "base_model": family["base"],
-        "models": [{"model": family["aligned"]}],
-        "parameters": {"alpha": 1.25, "rank": 2, "svd": "exact"},
-        "dtype": "float32",
-    }
-    recipe = write_recipe(tmp_path / "lox.yml", document)
+    recipe = lox_recipe(family, tmp_path)
     run_ok(["adapter", recipe, "-o", str(tmp_path / "adapter")], capsys)
     run_ok(["run", recipe, str(tmp_path / "merged"), "--quiet"], capsys)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -112,8 +106,10 @@ def test_lox_adapter_is_what_peft_merges_and_carries_every_linear_layer(family, 
     linear_layers = {
         f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
     } | conv1d
-    carried = {f"{module}.weight" for module in config["target_modules"]}
+    carried = {f"{module}.weight" for module in config["target_modules"]} | set(config.get("target_parameters") or [])
     assert linear_layers <= carried, sorted(linear_layers - carried)  # GPT-2: all 8 Conv1D layers
+    stacks = {n for n, p in model.named_parameters() if p.ndim == 3}
+    assert stacks <= carried  # Mixtral's expert stacks, through PEFT's target_parameters
     merged, expected = (
         peft_merged(family["aligned"], str(tmp_path / "adapter")),
         load_state_dict(str(tmp_path / "merged")),
@@ -345,3 +341,22 @@ def test_a_damaged_checkpoint_is_refused_by_the_generating_commands(tmp_path, ca
         assert code == 1 and len(errors) == 1, (command[0], err)
         assert "model.layers.1.mlp.down_proj.weight" in errors[0] and aligned in errors[0], errors[0]
         assert not os.path.exists(tmp_path / "out"), command[0]
+
+
+def test_a_capped_adapter_keeps_each_experts_best_approximation(tmp_path, capsys):
+    """--max-rank on an expert stack caps every expert's term to its own best rank-1
+    approximation (float64 SVD of that expert's term), which PEFT merges back."""
+
+    paths = build("mixtral", tmp_path)
+    recipe = lox_recipe(paths, tmp_path)
+    run_ok(["adapter", recipe, "--max-rank", "1", "-o", str(tmp_path / "adapter")], capsys)
+    run_ok(["run", recipe, str(tmp_path / "merged"), "--quiet"], capsys)
+    merged = load_state_dict(str(tmp_path / "merged"))
+    aligned = causal_lm(paths["aligned"]).state_dict()
+    through_peft = peft_merged(paths["aligned"], str(tmp_path / "adapter"))
+    stacks = [n for n, t in aligned.items() if t.ndim == 3]
+    assert stacks
+    for name in stacks:
+        term = ref.f64(merged[name]) - ref.f64(aligned[name])
+        capped = np.stack([ref.lowrank(matrix, 1) for matrix in term])
+        assert ref.rel_err(ref.f64(through_peft[name]), ref.f64(aligned[name]) + capped) < 1e-5, name

@@ -155,26 +155,27 @@ def test_analyze_names_the_tensors_the_merge_writes(name, tmp_path, capsys):
         assert {row["name"]: row["shape"] for row in json.load(f)["tensors"]} == merged
 
 
-def test_adapter_leaves_out_the_stacks_analyze_reports(moe, capsys):
+def test_adapter_carries_the_stacks_analyze_reports_and_peft_merges_them(moe, capsys):
     """`mergekit-lox adapter` plans through mergekit as the merge does: it names the same
-    tensors as analyze, the expert stacks (and the routers, not nn.Linear in transformers 5)
-    listed as left out, everything else a LoRA module."""
+    tensors as analyze. The expert stacks and the routers (not nn.Linear in transformers 5)
+    go through PEFT's target_parameters (each expert's term a slice of one pair), the rest
+    are LoRA modules; PEFT's merge_and_unload of the adapter is the LoX merge, stacks included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     _, root, paths = moe
-    code, out, err = run_cli(["adapter", recipe(paths, root), "-o", str(root / "adapter")], capsys)
+    source = recipe(paths, root)
+    code, out, err = run_cli(["adapter", source, "-o", str(root / "adapter")], capsys)
     assert code == 0, err
     with open(root / "adapter" / "mergekit_lox_adapter.json", encoding="utf-8") as f:
         manifest = json.load(f)
-    left_out = manifest["left_out"]
-    stacks = {n for n in left_out if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
-    # transformers 5's routers are not nn.Linear (MixtralTopKRouter, Qwen3MoeTopKRouter): left out
-    # too, under the name the merge uses (Mixtral's checkpoint stores block_sparse_moe.gate).
+    with open(root / "adapter" / "adapter_config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    assert not manifest["left_out"] and "left out" not in out
+    stacks = {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
     routers = {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
-    assert len(stacks) == 4 and set(left_out) == stacks | routers, left_out
-    assert all("3-D stack" in left_out[n] for n in stacks)
-    assert all("TopKRouter module" in left_out[n] for n in routers)
-    for name in left_out:
-        assert name in out  # the terminal says so, naming each
-    modules = {m + ".weight" for m in manifest["modules"]}
+    assert set(config["target_parameters"]) == stacks | routers
+    carried = {m + ".weight" for m in config["target_modules"]} | set(config["target_parameters"])
     code, _, err = run_cli(
         ["analyze", "--base", paths["base"], "--aligned", paths["aligned"], "-o", str(root / "adapter-analysis")],
         capsys,
@@ -182,7 +183,18 @@ def test_adapter_leaves_out_the_stacks_analyze_reports(moe, capsys):
     assert code == 0, err
     with open(root / "adapter-analysis" / "analysis.json", encoding="utf-8") as f:
         analysed = {row["name"] for row in json.load(f)["tensors"]}
-    assert analysed == modules | set(left_out)
+    assert analysed == carried
+    if not (root / "lox").exists():
+        code, _, err = run_cli(["run", source, str(root / "lox"), "--quiet"], capsys)
+        assert code == 0, err
+    merged = load_state_dict(str(root / "lox"))
+    aligned = AutoModelForCausalLM.from_pretrained(paths["aligned"]).state_dict()
+    model = AutoModelForCausalLM.from_pretrained(paths["aligned"])
+    through_peft = PeftModel.from_pretrained(model, str(root / "adapter")).merge_and_unload().state_dict()
+    worst = max(ref.rel_err(ref.f64(through_peft[n]), ref.f64(merged[n])) for n in carried)
+    assert worst < 1e-5, worst
+    moved = min(ref.rel_err(ref.f64(merged[n]), ref.f64(aligned[n])) for n in stacks)
+    assert moved > 1e-3  # the stacks' terms are there, not zero
 
 
 # --------------------------------------------------------------------------- safelora-adapter on MoE LoRAs

@@ -33,7 +33,39 @@ def module_types(config, embeddings: bool = True, trust_remote_code: bool = Fals
     except Exception as error:  # noqa: BLE001 - any failure means we cannot tell module types
         raise AdapterError(f"cannot build architecture {arch} to read its module types: {one_line(error)}") from error
     kinds, tied = module_kinds(model)
-    return ModuleTypes(kinds, tied, arch, embeddings)
+    return ModuleTypes(kinds, tied, arch, embeddings, meta_model=lambda: _meta_model(model_class, config))
+
+
+def _meta_model(model_class, config):
+    """The architecture built again on the meta device (PEFT injects into it in place)."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        if model_class is not None:
+            return model_class(config)
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def locate_parameters(adapter, config, types: ModuleTypes) -> None:
+    """Where PEFT saves the pair of each parameter the adapter carries (a router, an expert
+    stack: ``target_parameters``), read from PEFT injected into the meta model."""
+    from mergekit_lox.adapters.lora import parameter_stems
+
+    if not adapter.parameters():
+        return
+    try:
+        adapter.parameter_stems = parameter_stems(types.meta_model(), config)
+    except Exception as error:  # noqa: BLE001 - PEFT raises many kinds; say what it could not do
+        from mergekit_lox.errors import one_line
+
+        raise AdapterError(
+            f"PEFT cannot adapt parameter(s) {', '.join(adapter.parameters()[:3])} of {types.arch} "
+            f"through target_parameters: {one_line(error)}"
+        ) from error
+    missing = [name for name in adapter.parameters() if name not in adapter.parameter_stems]
+    if missing:
+        raise AdapterError(f"PEFT does not adapt parameter {missing[0]} of {types.arch} through target_parameters")
 
 
 def _target_path(reference, lora_merge_cache: Optional[str]) -> str:
@@ -148,6 +180,7 @@ def write_recipe_adapter(
     manifest = _manifest(chosen, target_path, terms, adapter.ranks(), max_rank, svd_counts)
     task_type = "CAUSAL_LM" if types.arch.endswith("ForCausalLM") else None
     config = adapter.lora_config(target_path, task_type)
+    locate_parameters(adapter, config, types)
     config.revision = target.model.revision
     write_adapter_dir(out, adapter, config, manifest)
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from mergekit_lox import linalg
 from mergekit_lox.adapters.lora import (
-    EMBEDDING,
-    LINEAR_KINDS,
+    CARRIED_KINDS,
     LoraAdapter,
     adapter_kind,
     cap_rank,
@@ -35,6 +34,7 @@ class ModuleTypes:
     tied: List[str]
     arch: str
     embeddings: bool = True  # write embedding LoRA for nn.Embedding weights
+    meta_model: Optional[Callable[[], torch.nn.Module]] = None  # the architecture on the meta device, built anew
 
 
 @dataclass
@@ -51,7 +51,7 @@ class WeightTerm:
 
     @property
     def carried(self) -> bool:
-        return self.kind in (*LINEAR_KINDS, EMBEDDING)
+        return self.kind in CARRIED_KINDS
 
     @property
     def left_out(self) -> bool:
@@ -77,7 +77,7 @@ def weight_term(
     if term_sq == 0.0:
         return WeightTerm(name, NO_TERM, merged_sq)
     kind = adapter_kind(name, tuple(target.shape), types.kinds, types.tied, types.embeddings, types.arch)
-    if kind not in (*LINEAR_KINDS, EMBEDDING):
+    if kind not in CARRIED_KINDS:
         if require_complete:
             raise AdapterError(f"weight {name} cannot be part of the adapter: it is {kind} (--require-complete)")
         return WeightTerm(name, kind, merged_sq, term_sq, term_sq, B.shape[-1])
@@ -98,7 +98,7 @@ class AdapterTerms:
         adapter = LoraAdapter()
         for w in self.weights:
             if w.carried:
-                adapter.add(module_of(w.name), w.kind, *w.factors)
+                adapter.add(module_of(w.name, w.kind), w.kind, *w.factors)
         if not adapter.factors:
             raise AdapterError("no weight has a non-zero term that a LoRA adapter can carry: there is nothing to write")
         return adapter
