@@ -284,6 +284,22 @@ def lssf_adapter(
 # --------------------------------------------------------------------------- Safe LoRA on a PeftModel
 
 
+def _lora_target(path: str, layer, what: str) -> tuple:
+    """``(module, weight, experts)`` a PeftModel's LoRA layer adapts: an nn.Linear's
+    ``<module>.weight``, or for PEFT's ``target_parameters`` (a ParamWrapper: an MoE router or
+    expert stack) the parameter itself, with its number of experts (safelora_tools/parameters.py)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from mergekit_lox.files.peft import module_name
+    from mergekit_lox.safelora_tools.parameters import wrapped_parameter
+
+    module = module_name(path)
+    if not isinstance(layer, ParamWrapper):
+        return module, module + ".weight", 1
+    weight = wrapped_parameter(module, layer, what)
+    return weight, weight, layer.num_experts
+
+
 def apply_safelora(
     peft_model,
     base: StateLike,
@@ -312,7 +328,9 @@ def apply_safelora(
 
     threshold = projection_options(threshold, num_layers, projection, rank)
     adapter_name = adapter_name or peft_model.active_adapter
-    refuse_unsupported_options(peft_model.peft_config[adapter_name], f"PeftModel adapter {adapter_name!r}")
+    refuse_unsupported_options(
+        peft_model.peft_config[adapter_name], f"PeftModel adapter {adapter_name!r}", allowed=("target_parameters",)
+    )
     states = _states(base=base, aligned=aligned)
     modules, factors = [], {}
     for path, layer in peft_model.named_modules():
@@ -324,8 +342,8 @@ def apply_safelora(
             )
         if adapter_name not in layer.lora_A:
             continue
-        module = module_name(path)
-        m = AdapterModule(module, module + ".weight", path + ".lora_A", path + ".lora_B", layer.scaling[adapter_name])
+        module, weight, experts = _lora_target(path, layer, f"PeftModel adapter {adapter_name!r}")
+        m = AdapterModule(module, weight, path + ".lora_A", path + ".lora_B", layer.scaling[adapter_name], experts)
         if m.weight not in states["aligned"]:
             raise ValueError(f"PeftModel module {module}: aligned has no weight {m.weight}")
         A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight

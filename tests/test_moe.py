@@ -352,3 +352,29 @@ def test_safelora_adapter_refuses_a_transposed_expert_stack_in_one_line(tmp_path
     assert "parameter model.layers.0.mlp.experts.gate_up_proj is an expert stack stored [experts, in, out]" in errors[0]
     assert "safelora_project" in errors[0] and "Traceback" not in err
     assert not out.exists()
+
+
+def test_the_api_projects_an_all_linear_moe_peft_model_in_place(moe):
+    """api.apply_safelora on a live PeftModel whose all-linear LoRA targets the routers and the
+    expert stacks (target_parameters): merged afterwards, it is Safe LoRA in float64 on every
+    adapted weight, each expert projected with its own C (threshold 2: every weight)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lox import api
+
+    name, root, paths = moe
+    adapter = str(root / "lora")
+    if not os.path.isdir(adapter):
+        train_free_lora(paths["aligned"], adapter, target_modules="all-linear")
+    base, aligned = loaded_state(paths["base"]), loaded_state(paths["aligned"])
+    updates = lora_updates(adapter, aligned)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(paths["aligned"]), adapter)
+    base_model = AutoModelForCausalLM.from_pretrained(paths["base"])
+    aligned_model = AutoModelForCausalLM.from_pretrained(paths["aligned"])
+    records = api.apply_safelora(peft_model, base_model, aligned_model, threshold=2.0)
+    assert {r.weight for r in records} == set(updates) and all(r.projected for r in records)
+    merged = {n: ref.f64(t) for n, t in peft_model.merge_and_unload().state_dict().items()}
+    for weight, update in updates.items():
+        expected = ref.safelora(aligned[weight] + update, aligned[weight], base[weight], 2.0)
+        assert ref.rel_err(merged[weight], expected) < 1e-5, weight

@@ -69,20 +69,28 @@ def parameter_targets(config, aligned: str, adapter: str) -> Dict[str, Parameter
     for name, module in model.named_modules():
         if not isinstance(module, ParamWrapper):
             continue
-        owner = name
-        while owner.endswith(".base_layer"):  # nested wrappers: the module that holds the parameter
-            owner = owner[: -len(".base_layer")]
-        weight = f"{owner}.{module.parameter_name}"
-        if module.num_experts > 1 and getattr(module.get_base_layer(), "is_transposed", False):
-            raise SafeLoRAToolError(
-                f"adapter {adapter}: parameter {weight} is an expert stack stored [experts, in, out], which "
-                "safelora-adapter does not project; merge the LoRA (aligned+adapter) and use the "
-                "safelora_project recipe instead"
-            )
+        weight = wrapped_parameter(name, module, f"adapter {adapter}")
         targets[name] = ParameterTarget(
             name, weight, module.num_experts, module.r["default"], float(module.scaling["default"])
         )
     return targets
+
+
+def wrapped_parameter(path: str, wrapper, what: str) -> str:
+    """The parameter (``owner.name``) a PEFT ParamWrapper at module ``path`` adapts: two
+    parameters of one module nest, the inner wrapper under ``...base_layer``. Refuses an
+    expert stack stored ``[experts, in, out]`` (GPT-OSS), naming it after ``what``."""
+    owner = path
+    while owner.endswith(".base_layer"):
+        owner = owner[: -len(".base_layer")]
+    weight = f"{owner}.{wrapper.parameter_name}"
+    if wrapper.num_experts > 1 and getattr(wrapper.get_base_layer(), "is_transposed", False):
+        raise SafeLoRAToolError(
+            f"{what}: parameter {weight} is an expert stack stored [experts, in, out], which "
+            "safelora-adapter does not project; merge the LoRA (aligned+adapter) and use the "
+            "safelora_project recipe instead"
+        )
+    return weight
 
 
 def expert_factors(A: torch.Tensor, B: torch.Tensor, experts: int) -> Tuple[torch.Tensor, torch.Tensor]:
