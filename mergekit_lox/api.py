@@ -193,7 +193,7 @@ def safemerge(
 
 
 def _adapter(method: str, states, parameters, model, max_rank, embeddings, out) -> Adapter:
-    from mergekit_lox.adapters.command import locate_parameters
+    from mergekit_lox.adapters.command import peft_adapter
     from mergekit_lox.adapters.files import manifest, write_adapter_dir
     from mergekit_lox.adapters.lora import module_kinds
     from mergekit_lox.adapters.terms import TARGET_ROLE, term_factors
@@ -222,11 +222,9 @@ def _adapter(method: str, states, parameters, model, max_rank, embeddings, out) 
         factors = term_factors(method, inputs, parameters, name) if target.is_floating_point() else None
         weights.append(weight_term(name, target, factors, types, max_rank))
     terms = AdapterTerms(weights)
-    adapter = terms.adapter()
     target_path = getattr(model, "name_or_path", None) or None
     task_type = "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
-    config = adapter.lora_config(target_path, task_type)
-    locate_parameters(adapter, config, types)
+    adapter, config = peft_adapter(terms, types, target_path, task_type)
     if out is not None:
         models = {role: "(in memory)" for role in states}
         record = manifest(method, parameters, models, str(target_path), terms, adapter.ranks(), max_rank)

@@ -1,12 +1,11 @@
-"""Issue 26: the commands around the merges, on a representative subset of architectures
-built from transformers' own classes (tests/test_architectures.py holds every architecture
-to `check` and the merges):
+"""Issue 26: the commands around the merges, on every causal LM of tests/test_architectures.py
+(36 architectures built from transformers' own classes; that file holds them all, encoders
+and multimodal models too, to `check` and the merges). Among them:
 
 - GPT-2: Conv1D layers, whose weight is stored transposed ([in, out]);
-- Llama: plain nn.Linear;
-- GPT-NeoX: a definition mergekit_compat fits to current checkpoints, fused qkv;
+- GPT-NeoX, Falcon: definitions mergekit_compat fits to current checkpoints;
 - Phi-3: fused qkv and gate_up;
-- Mixtral: an MoE whose expert stacks are 3-D.
+- Mixtral, Qwen-MoE, GLM-4-MoE, DeepSeek-V3, ...: MoE models whose expert stacks are 3-D.
 
 For each: `adapter` (LoX) is what PEFT's merge_and_unload makes of it, and equals `run`;
 `analyze` matches float64 on the matrices the methods decompose; `eval` answers greedily;
@@ -26,21 +25,41 @@ import reference as ref
 import torch
 import yaml
 from conftest import run_cli
-from test_architectures import build, conv1d_weights
+from test_architectures import ARCHITECTURES, build, conv1d_weights
 from test_architectures import recipe as lox_recipe  # LoX, alpha 1.25, rank 2, exact SVD
+from transformers import AutoTokenizer
 
+from mergekit_lox.adapters.command import CONVERTED_BY_PEFT
 from mergekit_lox.demo.synthetic import load_state_dict, make_tokenizer
 
-SUBSET = ["gpt2", "llama", "gpt-neox", "phi3", "mixtral"]
+ConvNd = torch.nn.modules.conv._ConvNd
+
+# Every causal LM of the matrix but Qwen2: transformers 5 loads any tokenizer beside a qwen2
+# config as its byte-level Qwen2Tokenizer, which cannot read the word-level tokenizer these
+# tiny models use (the commands then refuse in one line, naming the tokenizer; test_data).
+SUBSET = [name for name, (model, _, _) in ARCHITECTURES.items() if model is None and name != "qwen2"]
 PROMPTS = [{"prompt": f"w{i} w{i + 1} w{i + 2}", "response": f"w{i + 3} w{i + 4} w{i + 5}"} for i in range(10, 70, 6)]
 _BUILT: dict = {}
-# transformers' grouped expert matmul has no float64 kernel: the MoE reference runs in float32
-# (its SVDs are still float64), well within the tolerances below.
-REFERENCE_DTYPE = {"mixtral": torch.float32}
-# The attack's LoRA modules: every linear layer (GPT-2: its Conv1D layers); on Mixtral the
-# attention projections (PEFT's all-linear there also targets the expert stacks as
-# parameters: safelora-adapter's MoE case, tests/test_safelora_adapter.py).
-LORA_TARGETS = {"mixtral": "q_proj,k_proj,v_proj,o_proj"}
+
+
+def reference_dtype(model) -> torch.dtype:
+    """float64, except for MoE models: transformers' grouped expert matmul has no float64
+    kernel, so their reference runs in float32 (its SVDs are still float64), well within the
+    tolerances below."""
+    return torch.float32 if any(p.ndim == 3 for p in model.parameters()) else torch.float64
+
+
+def lora_targets(model) -> str:
+    """The attack's LoRA modules: every linear layer but the output head (GPT-2: its Conv1D
+    layers), by name. (PEFT's all-linear on an MoE also targets the expert stacks as
+    parameters: safelora-adapter's MoE case, tests/test_moe.py.)"""
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if (isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D") and module is not head
+    }
+    return ",".join(sorted(names))
 
 
 @pytest.fixture(params=SUBSET)
@@ -107,9 +126,16 @@ def test_lox_adapter_is_what_peft_merges_and_carries_every_linear_layer(family, 
         f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
     } | conv1d
     carried = {f"{module}.weight" for module in config["target_modules"]} | set(config.get("target_parameters") or [])
-    assert linear_layers <= carried, sorted(linear_layers - carried)  # GPT-2: all 8 Conv1D layers
-    stacks = {n for n, p in model.named_parameters() if p.ndim == 3}
-    assert stacks <= carried  # Mixtral's expert stacks, through PEFT's target_parameters
+    left_out = json.loads((tmp_path / "adapter" / "mergekit_lox_adapter.json").read_text())["left_out"]
+    converted = {name for name, why in left_out.items() if why == CONVERTED_BY_PEFT}  # see the GLM-4-MoE test
+    assert linear_layers <= carried | converted, sorted(linear_layers - carried)  # GPT-2: all 8 Conv1D layers
+    merged_names = set(load_state_dict(str(tmp_path / "merged")))
+    stacks = {
+        n
+        for n, p in model.named_parameters()
+        if p.ndim == 3 and n in merged_names and not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), ConvNd)
+    }
+    assert stacks <= carried  # expert stacks the merge writes as stacks, through PEFT's target_parameters
     merged, expected = (
         peft_merged(family["aligned"], str(tmp_path / "adapter")),
         load_state_dict(str(tmp_path / "merged")),
@@ -149,8 +175,9 @@ def test_analyze_matches_float64_on_the_matrices_the_methods_decompose(family, t
 
 
 def test_eval_answers_are_the_models_greedy_answers(family, tmp_path, capsys):
-    """Each answer token is the float64 model's argmax, within rounding (a near-tie may go
-    either way on another CPU, so a token within 1e-3 of the top logit counts)."""
+    """Each answer is the float64 model's greedy continuation, within rounding: at every step
+    the answer's next token is within 1e-3 of the top logit (a near-tie may go either way on
+    another CPU), or the top token is a special token, which the answer's text leaves out."""
     limit, new_tokens = 4, 3
     run_ok(
         ["eval", family["aligned"], "--safety", family["prompts"], "--limit", str(limit)]
@@ -161,23 +188,33 @@ def test_eval_answers_are_the_models_greedy_answers(family, tmp_path, capsys):
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())["models"][0]["safety"]
     assert len(answers) == result["n"] == limit
     assert result["refused"] == sum(a["verdict"] == "refused" for a in answers)
-    model = causal_lm(family["aligned"], REFERENCE_DTYPE.get(family["name"], torch.float64))
-    tokenizer = make_tokenizer(128)
+    model = causal_lm(family["aligned"])
+    model = model.to(reference_dtype(model))
+    tokenizer = AutoTokenizer.from_pretrained(family["aligned"])  # as the commands load it
+    special = set(tokenizer.all_special_ids)
     for answer in answers:
-        prompt = tokenizer(answer["prompt"], add_special_tokens=True)["input_ids"]
-        tokens = tokenizer(answer["answer"], add_special_tokens=False)["input_ids"]
-        assert 0 < len(tokens) <= new_tokens, answer
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + tokens])).logits[0]
-        for position, token in enumerate(tokens):
-            row = logits[len(prompt) - 1 + position]
-            assert row[token] >= row.max() - 1e-3, (answer, position)
+        sequence = tokenizer(answer["prompt"], add_special_tokens=True)["input_ids"]
+        wanted = tokenizer(answer["answer"], add_special_tokens=False)["input_ids"]
+        assert len(wanted) <= new_tokens, answer
+        for _ in range(new_tokens):
+            if not wanted:
+                break
+            with torch.no_grad():
+                row = model(torch.tensor([sequence])).logits[0, -1]
+            if row[wanted[0]] >= row.max() - 1e-3:
+                sequence.append(wanted.pop(0))
+            else:
+                top = int(row.argmax())
+                assert top in special, (answer, "not greedy")
+                sequence.append(top)
+        assert not wanted, answer
 
 
 def calibration_reference(family, texts):
     """Per linear weight, the SVD of Z = W X^ (float64, every token's input, unpadded)."""
-    model = causal_lm(family["aligned"], REFERENCE_DTYPE.get(family["name"], torch.float64))
-    tokenizer = make_tokenizer(128)
+    model = causal_lm(family["aligned"])
+    model = model.to(reference_dtype(model))
+    tokenizer = AutoTokenizer.from_pretrained(family["aligned"])  # as the commands load it
     conv1d = conv1d_weights(model)
     head = model.get_output_embeddings()
     inputs = {}
@@ -187,7 +224,9 @@ def calibration_reference(family, texts):
         if (isinstance(module, torch.nn.Linear) or f"{name}.weight" in conv1d) and module is not head
     }
     hooks = [
-        module.register_forward_hook(lambda m, a, o, name=name: inputs.setdefault(name, []).append(a[0][0].numpy()))
+        module.register_forward_hook(
+            lambda m, a, o, name=name: inputs.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1]).numpy())
+        )
         for name, module in layers.items()
     ]
     with torch.no_grad():
@@ -225,7 +264,8 @@ def test_calibrate_then_the_calibrated_merge_and_its_adapter_match_float64(famil
         U = ref.f64(basis[f"{name}.U"])
         assert U.shape[0] == U_ref.shape[0], name  # the output space: out rows, also for a Conv1D
         top = U[:, :1] @ U[:, :1].T, U_ref[:, :1] @ U_ref[:, :1].T  # S_1 > S_2 clearly: defined
-        assert S_ref[0] - S_ref[1] > 1e-2 * S_ref[0] and ref.rel_err(*top) < 1e-3, name
+        gap = S_ref[0] - (S_ref[1] if len(S_ref) > 1 else 0.0)  # a 1-output layer (a gate) has one value
+        assert gap > 1e-2 * S_ref[0] and ref.rel_err(*top) < 1e-3, name
 
     document = {
         "merge_method": "lssf_fusion",
@@ -248,7 +288,10 @@ def test_calibrate_then_the_calibrated_merge_and_its_adapter_match_float64(famil
         want = linear(name, ref.lssf(W_f, W_a, W_b, rank=1, basis=stored_basis), conv1d)
         assert ref.rel_err(ref.f64(merged[name]), want) < 1e-5, name
     through_peft = peft_merged(family["finetuned"], str(tmp_path / "adapter"))
-    worst = max(ref.rel_err(ref.f64(through_peft[n]), ref.f64(merged[n])) for n in expected)
+    left_out = json.loads((tmp_path / "adapter" / "mergekit_lox_adapter.json").read_text())["left_out"]
+    # Of the calibrated layers, the adapter leaves out only what PEFT cannot carry (GLM-4-MoE's dense MLP).
+    assert all(why == CONVERTED_BY_PEFT for n, why in left_out.items() if n in expected), left_out
+    worst = max(ref.rel_err(ref.f64(through_peft[n]), ref.f64(merged[n])) for n in expected if n not in left_out)
     assert worst < 1e-5, worst
 
 
@@ -258,7 +301,7 @@ def test_safelora_adapter_on_a_lora_trained_by_attack_matches_float64(family, tm
     attacked = tmp_path / "attack"
     run_ok(
         ["attack", family["aligned"], "--data", family["prompts"], "--answer-column", "response"]
-        + ["--lora", "4", "--target-modules", LORA_TARGETS.get(family["name"], "all-linear")]
+        + ["--lora", "4", "--target-modules", lora_targets(causal_lm(family["aligned"]))]
         + ["--max-steps", "2", "--lr", "0.05", "-o", str(attacked)],
         capsys,
     )
@@ -269,11 +312,23 @@ def test_safelora_adapter_on_a_lora_trained_by_attack_matches_float64(family, tm
         capsys,
     )
     config = json.loads(open(os.path.join(adapter, "adapter_config.json")).read())
+    through_peft = peft_merged(family["aligned"], str(tmp_path / "projected"))
+    if config.get("target_parameters"):
+        # PEFT turned gate_proj / up_proj / down_proj targets into the expert stacks (GLM-4-MoE,
+        # DeepSeek-V3, AFMoE): every adapted weight's update by PEFT's layouts (test_moe.lora_updates).
+        from test_moe import loaded_state, lora_updates
+
+        base, aligned = loaded_state(family["base"]), loaded_state(family["aligned"])
+        updates = lora_updates(adapter, aligned)
+        assert any(u.ndim == 3 for u in updates.values())
+        for name, update in updates.items():
+            want = ref.safelora(aligned[name] + update, aligned[name], base[name], threshold=2.0)
+            assert ref.rel_err(ref.f64(through_peft[name]), want) < 1e-5, name
+        return
     scaling = config["lora_alpha"] / config["r"]
     lora = {k: ref.f64(v) for k, v in load_file(os.path.join(adapter, "adapter_model.safetensors")).items()}
     stored = {r: load_state_dict(family[r]) for r in ("base", "aligned")}
     conv1d = conv1d_weights(causal_lm(family["aligned"]))
-    through_peft = peft_merged(family["aligned"], str(tmp_path / "projected"))
     modules = [k[len("base_model.model.") : -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")]
     assert modules and (family["name"] != "gpt2" or all(f"{m}.weight" in conv1d for m in modules))
     if family["name"] == "llama":  # --target-modules all-linear: every linear layer but the head
@@ -360,3 +415,25 @@ def test_a_capped_adapter_keeps_each_experts_best_approximation(tmp_path, capsys
         term = ref.f64(merged[name]) - ref.f64(aligned[name])
         capped = np.stack([ref.lowrank(matrix, 1) for matrix in term])
         assert ref.rel_err(ref.f64(through_peft[name]), ref.f64(aligned[name]) + capped) < 1e-5, name
+
+
+def test_modules_peft_converts_into_expert_stacks_are_left_out_and_named(tmp_path, capsys):
+    """On GLM-4-MoE PEFT 0.21 reads a LoRA on any module named gate_proj / up_proj / down_proj
+    (the dense first layer's MLP, the shared experts: nn.Linear) as one on the expert stacks,
+    with twice the rank. The adapter leaves those modules out, naming them, so that PEFT loads
+    it, and merges it to the LoX merge on everything it carries, the stacks included."""
+    paths = build("glm4-moe", tmp_path)
+    recipe = lox_recipe(paths, tmp_path)
+    out, _ = run_ok(["adapter", recipe, "-o", str(tmp_path / "adapter")], capsys)
+    run_ok(["run", recipe, str(tmp_path / "merged"), "--quiet"], capsys)
+    left_out = json.loads((tmp_path / "adapter" / "mergekit_lox_adapter.json").read_text())["left_out"]
+    dense = {f"model.layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+    shared = {f"model.layers.1.mlp.shared_experts.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert set(left_out) == dense | shared and all(why == CONVERTED_BY_PEFT for why in left_out.values())
+    assert all(name in out for name in left_out)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    carried = {f"{m}.weight" for m in config["target_modules"]} | set(config["target_parameters"])
+    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= carried
+    merged = load_state_dict(str(tmp_path / "merged"))
+    through_peft = peft_merged(paths["aligned"], str(tmp_path / "adapter"))  # loads: no size mismatch
+    assert max(ref.rel_err(ref.f64(through_peft[n]), ref.f64(merged[n])) for n in carried) < 1e-5

@@ -47,6 +47,51 @@ def _meta_model(model_class, config):
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
+# What PEFT 0.21 does to a LoRA on a module named like a transformers-v4 expert projection.
+CONVERTED_BY_PEFT = (
+    "PEFT converts a LoRA on a module of this name into one on the expert stacks (its compatibility with "
+    "transformers v4 checkpoints of this model type), so it cannot carry this module's term"
+)
+
+
+def peft_adapter(terms: AdapterTerms, types: ModuleTypes, target_path, task_type):
+    """``(LoraAdapter, LoraConfig)`` of ``terms``, as PEFT will load it.
+
+    On MoE model types whose layout changed in transformers 5 (Qwen-MoE, GLM-4-MoE,
+    DeepSeek-V3, ...), PEFT reads a ``target_modules`` entry named like a v4 expert projection
+    (``gate_proj``, ``up_proj``, ``down_proj``, ``gate``) as the expert stacks and drops the
+    module, also from a dense layer or a shared expert, where it is an nn.Linear: such modules
+    are left out (named, with their share of the term) rather than written into an adapter
+    PEFT would load otherwise."""
+    adapter = terms.adapter()
+    config = adapter.lora_config(target_path, task_type)
+    dropped = converted_by_peft(config, types)
+    if dropped:
+        terms.leave_out({f"{module}.weight" for module in dropped}, CONVERTED_BY_PEFT)
+        adapter = terms.adapter()
+        config = adapter.lora_config(target_path, task_type)
+    locate_parameters(adapter, config, types)
+    return adapter, config
+
+
+def converted_by_peft(config, types: ModuleTypes) -> list:
+    """The ``target_modules`` PEFT's transformers-v5 conversion would take out of ``config``."""
+    import copy
+
+    if types.meta_model is None or not config.target_modules:
+        return []
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_config_for_transformers,
+        get_model_conversion_mapping,
+    )
+
+    model = types.meta_model()
+    converted = copy.deepcopy(config)
+    convert_peft_config_for_transformers(converted, model=model, conversions=get_model_conversion_mapping(model))
+    kept = set(converted.target_modules or ())
+    return sorted(module for module in config.target_modules if module not in kept)
+
+
 def locate_parameters(adapter, config, types: ModuleTypes) -> None:
     """Where PEFT saves the pair of each parameter the adapter carries (a router, an expert
     stack: ``target_parameters``), read from PEFT injected into the meta model."""
@@ -176,11 +221,12 @@ def write_recipe_adapter(
     terms = AdapterTerms([term for _, term in planned_tensor_results(planner_config, options, compute, "adapter")])
     after = linalg.svd_counts()
     svd_counts = {path: after[path] - before[path] for path in after}
-    adapter = terms.adapter()
-    manifest = _manifest(chosen, target_path, terms, adapter.ranks(), max_rank, svd_counts)
     task_type = "CAUSAL_LM" if types.arch.endswith("ForCausalLM") else None
-    config = adapter.lora_config(target_path, task_type)
-    locate_parameters(adapter, config, types)
+    adapter, config = peft_adapter(terms, types, target_path, task_type)
+    if require_complete and terms.left_out():
+        name, why = next(iter(terms.left_out().items()))
+        raise AdapterError(f"weight {name} cannot be part of the adapter: {why} (--require-complete)")
+    manifest = _manifest(chosen, target_path, terms, adapter.ranks(), max_rank, svd_counts)
     config.revision = target.model.revision
     write_adapter_dir(out, adapter, config, manifest)
 

@@ -103,6 +103,12 @@ class AdapterTerms:
             raise AdapterError("no weight has a non-zero term that a LoRA adapter can carry: there is nothing to write")
         return adapter
 
+    def leave_out(self, names, reason: str) -> None:
+        """Take the weights ``names`` out of the adapter, for ``reason`` (their whole term is missing)."""
+        for w in self.weights:
+            if w.name in names and w.carried:
+                w.kind, w.missing_sq, w.factors = reason, w.term_sq, None
+
     def left_out(self) -> Dict[str, str]:
         return {w.name: w.kind for w in self.weights if w.left_out}
 
