@@ -80,10 +80,13 @@ def converted_by_peft(config, types: ModuleTypes) -> list:
 
     if types.meta_model is None or not config.target_modules:
         return []
-    from peft.utils.transformers_weight_conversion import (
-        convert_peft_config_for_transformers,
-        get_model_conversion_mapping,
-    )
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # a PEFT without the transformers-v5 conversion converts nothing
+        return []
 
     model = types.meta_model()
     converted = copy.deepcopy(config)
