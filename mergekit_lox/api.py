@@ -74,7 +74,7 @@ def _linear_map(name: str, tensor: torch.Tensor, transposed: frozenset) -> torch
 def _merge(
     kernel, output_role: str, states: Dict[str, Dict[str, torch.Tensor]], transposed: frozenset = frozenset()
 ) -> Dict[str, torch.Tensor]:
-    """``kernel(**inputs)`` per floating-point weight; anything else is the output role's own.
+    """``kernel(name, **inputs)`` per floating-point weight; anything else is the output role's own.
     A Conv1D weight (``transposed``) is computed on as ``W [out, in]`` and returned as stored."""
     out = {}
     for name, kept in states[output_role].items():
@@ -82,7 +82,7 @@ def _merge(
             out[name] = kept
             continue
         inputs = {role: _linear_map(name, state[name], transposed) for role, state in states.items()}
-        out[name] = _linear_map(name, kernel(**inputs), transposed).contiguous()
+        out[name] = _linear_map(name, kernel(name, **inputs), transposed).contiguous()
     return out
 
 
@@ -92,7 +92,7 @@ def lox(base: StateLike, aligned: StateLike, alpha: float = 1.25, rank: int = 6,
 
     linalg.check_svd_mode(svd)
     return _merge(
-        lambda base, aligned: extrapolate(aligned, base, alpha, rank, svd),
+        lambda name, base, aligned: extrapolate(aligned, base, alpha, rank, svd),
         "aligned",
         _states(base=base, aligned=aligned),
         _transposed(aligned, base),
@@ -123,18 +123,14 @@ def lssf(
     from mergekit_lox.methods.lssf import fuse
 
     parameters = {**_lssf_parameters(scale, eta, rank, top_weight, svd), "subspace": subspace}
-
-    states = _states(base=base, aligned=aligned, finetuned=finetuned)
-    transposed = _transposed(finetuned, aligned, base)
-    out = {}
-    for name, tensor in states["finetuned"].items():
-        if not tensor.is_floating_point():
-            out[name] = tensor
-            continue
-        W_f, W_a, W_b = (_linear_map(name, states[r][name], transposed) for r in ("finetuned", "aligned", "base"))
-        fused = fuse(W_f, W_a, W_b, **lssf_arguments(parameters, name, None, W_f.shape))
-        out[name] = _linear_map(name, fused, transposed).contiguous()
-    return out
+    return _merge(
+        lambda name, base, aligned, finetuned: fuse(
+            finetuned, aligned, base, **lssf_arguments(parameters, name, None, finetuned.shape)
+        ),
+        "finetuned",
+        _states(base=base, aligned=aligned, finetuned=finetuned),
+        _transposed(finetuned, aligned, base),
+    )
 
 
 def safelora(
@@ -152,7 +148,7 @@ def safelora(
 
     linalg.check_svd_mode(svd)
     return _merge(
-        lambda base, aligned, finetuned: project(finetuned, aligned, base, threshold, projection, rank, svd),
+        lambda name, base, aligned, finetuned: project(finetuned, aligned, base, threshold, projection, rank, svd),
         "finetuned",
         _states(base=base, aligned=aligned, finetuned=finetuned),
         _transposed(finetuned, aligned, base),
@@ -180,7 +176,7 @@ def safemerge(
             f"safemerge: need -1 <= threshold <= 1 and 0 <= safety_weight <= 1; got {threshold}, {safety_weight}"
         )
     return _merge(
-        lambda base, aligned, finetuned, safety: merge(
+        lambda name, base, aligned, finetuned, safety: merge(
             finetuned, safety, aligned, base, threshold, safety_weight, projection, rank, svd
         ),
         "finetuned",

@@ -103,19 +103,25 @@ def transposed_weights(config) -> FrozenSet[str]:
         return _BY_CONFIG[key]
 
 
+def saved_model_type(model_dir: str) -> Optional[str]:
+    """The ``model_type`` of the model saved in ``model_dir`` (its config.json, read as JSON:
+    nothing imported); None when there is no config.json, or it is unreadable or names none."""
+    import json
+
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) and model_type else None
+
+
 def transposed_weights_at(model_dir: str) -> FrozenSet[str]:
     """``transposed_weights`` of the model saved in the local folder ``model_dir`` (or a hub id
     in the local cache); empty when it has no readable config.json."""
-    import json
-
-    config_file = os.path.join(model_dir, "config.json")
-    if os.path.isfile(config_file):
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                model_type = json.load(f).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            return frozenset()
-        if not model_type or not _may_use_conv1d(str(model_type)):
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        model_type = saved_model_type(model_dir)
+        if model_type is None or not _may_use_conv1d(model_type):
             return frozenset()
     elif os.path.isdir(model_dir):
         return frozenset()

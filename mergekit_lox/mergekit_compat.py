@@ -989,22 +989,14 @@ class ConvertedCheckpoint:
     names the checkpoint's own tensors (AFMoE, GraniteMoeHybrid; see ``_as_defined``)."""
 
     def __init__(self, path: str, as_merged: bool = True):
-        import json
-        import os
-
         from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+
+        from mergekit_lox.layout import saved_model_type
 
         self.path = path
         index = ShardedTensorIndex.from_disk(path)
-        model_type = None
-        config = os.path.join(path, "config.json")
-        if os.path.isfile(config):
-            try:
-                with open(config, encoding="utf-8") as f:
-                    model_type = json.load(f).get("model_type")
-            except (OSError, ValueError, AttributeError):
-                model_type = None  # an unreadable config: the checkpoint's own keys
-        self.model_type = model_type if isinstance(model_type, str) else None
+        # No or an unreadable config: the checkpoint's own keys.
+        self.model_type = saved_model_type(path)
         self.names = converted_layout(self.model_type, index.tensor_paths)
         if as_merged and any(keys != (name,) for name, keys in self.names.items()):
             self.names = _as_defined(self.names, path)

@@ -25,7 +25,7 @@ import reference as ref
 import torch
 import yaml
 from conftest import run_cli
-from test_architectures import ARCHITECTURES, build, conv1d_weights
+from test_architectures import ARCHITECTURES, build, conv1d_weights, linear
 from test_architectures import recipe as lox_recipe  # LoX, alpha 1.25, rank 2, exact SVD
 from transformers import AutoTokenizer
 
@@ -88,11 +88,6 @@ def causal_lm(path, dtype=torch.float32):
 def states64(family, *roles):
     """Each role's float64 tensors on the layout transformers loads (fused expert stacks)."""
     return {r: {k: ref.f64(v) for k, v in causal_lm(family[r]).state_dict().items()} for r in roles}
-
-
-def linear(name, tensor, conv1d):
-    """The matrix the methods decompose: a Conv1D weight transposed to [out, in]."""
-    return tensor.T if name in conv1d else tensor
 
 
 def run_ok(args, capsys):

@@ -453,6 +453,11 @@ def test_check_says_how_the_definition_is_fitted(name, note, tmp_path, capsys):
     assert code == 0 and note in out, out
 
 
+def linear(name, tensor, conv1d):
+    """The matrix the methods decompose: a Conv1D weight (in ``conv1d``) transposed to [out, in]."""
+    return tensor.T if name in conv1d else tensor
+
+
 def conv1d_weights(model) -> set:
     """Weight names of the model's transformers Conv1D modules (stored [in, out])."""
     from transformers.pytorch_utils import Conv1D
@@ -476,9 +481,7 @@ def test_lssf_and_safelora_run_and_match_float64(name, tmp_path, capsys):
     assert bool(conv1d) == (name == "gpt2")
 
     def linear_map(n, f, a, b, formula):
-        if n not in conv1d:
-            return formula(f, a, b)
-        return formula(f.T, a.T, b.T).T
+        return linear(n, formula(*(linear(n, t, conv1d) for t in (f, a, b))), conv1d)
 
     for method, parameters, expected in (
         ("lssf_fusion", {"rank": 4, "svd": "exact"}, lambda f, a, b: ref.lssf(f, a, b, rank=4)),

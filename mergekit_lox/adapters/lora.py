@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from mergekit_lox.files.peft import PEFT_PREFIX
+from mergekit_lox.files.peft import PEFT_PREFIX, injected_parameter_wrappers
 from mergekit_lox.layout import is_conv1d
 
 LINEAR, EMBEDDING = "linear", "embedding"
@@ -190,24 +190,9 @@ def kind_of_module(module) -> Optional[str]:
 
 def parameter_stems(meta_model: torch.nn.Module, config) -> Dict[str, str]:
     """``{parameter name: PEFT module path of its pair}`` for ``config``'s
-    ``target_parameters``, read from PEFT itself: ``config`` injected into ``meta_model``
-    (a model on the meta device, changed in place)."""
-    import copy
-
-    from peft import inject_adapter_in_model
-    from peft.tuners.lora.layer import ParamWrapper
-
-    config = copy.deepcopy(config)
-    config.inference_mode = True
-    model = inject_adapter_in_model(config, meta_model, adapter_name="default")
-    stems = {}
-    for path, module in model.named_modules():
-        if isinstance(module, ParamWrapper):
-            owner = path
-            while owner.endswith(".base_layer"):  # nested wrappers: the module holding the parameter
-                owner = owner[: -len(".base_layer")]
-            stems[f"{owner}.{module.parameter_name}"] = path
-    return stems
+    ``target_parameters``, read from PEFT itself (files/peft.injected_parameter_wrappers)."""
+    wrappers = injected_parameter_wrappers(meta_model, config)
+    return {parameter: path for path, (parameter, _) in wrappers.items()}
 
 
 def _embeddings(model):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, List, Optional, Set
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -26,6 +26,35 @@ PEFT_PREFIX = "base_model.model."
 def module_name(stored: str) -> str:
     """A stored module path without PEFT's ``base_model.model.`` wrapper prefix."""
     return stored[len(PEFT_PREFIX) :] if stored.startswith(PEFT_PREFIX) else stored
+
+
+def wrapped_parameter_name(path: str, wrapper) -> str:
+    """The parameter (``owner.name``) a PEFT ``ParamWrapper`` at module ``path`` adapts
+    (``target_parameters``): two parameters of one module nest, the inner wrapper under
+    ``...base_layer``."""
+    owner = path
+    while owner.endswith(".base_layer"):
+        owner = owner[: -len(".base_layer")]
+    return f"{owner}.{wrapper.parameter_name}"
+
+
+def injected_parameter_wrappers(meta_model, config) -> Dict[str, Tuple[str, object]]:
+    """``{PEFT module path: (parameter name, ParamWrapper)}`` for each parameter ``config``'s
+    ``target_parameters`` adapts, read from PEFT itself: ``config`` (a LoraConfig, copied,
+    in inference mode) injected into ``meta_model`` (on the meta device, changed in place)."""
+    import copy
+
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora.layer import ParamWrapper
+
+    config = copy.deepcopy(config)
+    config.inference_mode = True
+    model = inject_adapter_in_model(config, meta_model, adapter_name="default")
+    return {
+        path: (wrapped_parameter_name(path, module), module)
+        for path, module in model.named_modules()
+        if isinstance(module, ParamWrapper)
+    }
 
 
 _LORA_KEY = re.compile(r"^(?P<module>.+?)\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\b")

@@ -27,6 +27,7 @@ from typing import Dict, Tuple
 import torch
 
 from mergekit_lox.errors import one_line
+from mergekit_lox.files.peft import injected_parameter_wrappers, wrapped_parameter_name
 from mergekit_lox.safelora_tools.common import SafeLoRAToolError
 
 
@@ -48,30 +49,22 @@ def parameter_targets(config, aligned: str, adapter: str) -> Dict[str, Parameter
     stored ``[experts, in, out]`` (GPT-OSS's layout)."""
     if not getattr(config, "target_parameters", None):
         return {}
-    import copy
-
-    from peft import inject_adapter_in_model
-    from peft.tuners.lora.layer import ParamWrapper
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(aligned))
-        config = copy.deepcopy(config)
-        config.inference_mode = True
-        model = inject_adapter_in_model(config, model, adapter_name="default")
+        wrappers = injected_parameter_wrappers(model, config)
     except Exception as error:  # noqa: BLE001 - transformers / PEFT raise many kinds
         raise SafeLoRAToolError(
             f"adapter {adapter}: cannot tell which parameters its target_parameters="
             f"{list(config.target_parameters)!r} adapt on aligned model {aligned}: {one_line(error)}"
         ) from error
     targets = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, ParamWrapper):
-            continue
-        weight = wrapped_parameter(name, module, f"adapter {adapter}")
-        targets[name] = ParameterTarget(
-            name, weight, module.num_experts, module.r["default"], float(module.scaling["default"])
+    for path, (_, wrapper) in wrappers.items():
+        weight = wrapped_parameter(path, wrapper, f"adapter {adapter}")
+        targets[path] = ParameterTarget(
+            path, weight, wrapper.num_experts, wrapper.r["default"], float(wrapper.scaling["default"])
         )
     return targets
 
@@ -80,10 +73,7 @@ def wrapped_parameter(path: str, wrapper, what: str) -> str:
     """The parameter (``owner.name``) a PEFT ParamWrapper at module ``path`` adapts: two
     parameters of one module nest, the inner wrapper under ``...base_layer``. Refuses an
     expert stack stored ``[experts, in, out]`` (GPT-OSS), naming it after ``what``."""
-    owner = path
-    while owner.endswith(".base_layer"):
-        owner = owner[: -len(".base_layer")]
-    weight = f"{owner}.{wrapper.parameter_name}"
+    weight = wrapped_parameter_name(path, wrapper)
     if wrapper.num_experts > 1 and getattr(wrapper.get_base_layer(), "is_transposed", False):
         raise SafeLoRAToolError(
             f"{what}: parameter {weight} is an expert stack stored [experts, in, out], which "
